@@ -1,0 +1,165 @@
+"""Environment: a development environment that a runner makes real."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from pydantic import Field, model_validator
+
+from devyard.wire.meta import Condition, MetadataPatch, MetadataWrite, ReadModel, Resource, WriteModel
+
+__all__ = [
+    "Admission",
+    "ContentSpec",
+    "DesiredPhase",
+    "Environment",
+    "EnvironmentCreate",
+    "EnvironmentPatch",
+    "EnvironmentPhase",
+    "EnvironmentSpec",
+    "EnvironmentSpecPatch",
+    "EnvironmentStatus",
+    "EnvironmentStatusWrite",
+    "GitContent",
+    "PortProtocol",
+    "PortSpec",
+    "PortStatus",
+    "SSHEndpoint",
+]
+
+
+class DesiredPhase(enum.StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DELETED = "deleted"
+
+
+class EnvironmentPhase(enum.StrEnum):
+    PENDING = "pending"
+    CREATING = "creating"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    DELETING = "deleting"
+    DELETED = "deleted"
+    FAILED = "failed"
+
+
+class Admission(enum.StrEnum):
+    """Who may reach a shared port."""
+
+    OWNER = "owner"
+    ORGANIZATION = "organization"
+    EVERYONE = "everyone"
+
+
+class PortProtocol(enum.StrEnum):
+    HTTP = "http"
+    HTTPS = "https"
+
+
+class GitContent(WriteModel):
+    url: str = Field(min_length=1, max_length=2048)
+    ref: str | None = Field(default=None, max_length=255)
+
+
+class ContentSpec(WriteModel):
+    """Where the environment's code comes from: a git repository or, on a desktop runner, a local folder."""
+
+    git: GitContent | None = None
+    local_path: str | None = Field(default=None, min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ContentSpec:
+        if (self.git is None) == (self.local_path is None):
+            raise ValueError("content needs exactly one of 'git' and 'local_path'")
+        return self
+
+
+class PortSpec(WriteModel):
+    port: int = Field(ge=1, le=65535)
+    name: str = Field(default="", max_length=100)
+    admission: Admission = Admission.OWNER
+    protocol: PortProtocol = PortProtocol.HTTP
+
+
+class EnvironmentSpec(WriteModel):
+    desired_phase: DesiredPhase = DesiredPhase.RUNNING
+    class_id: str | None = None
+    content: ContentSpec | None = None
+    devcontainer_path: str | None = Field(default=None, max_length=1024)
+    image: str | None = Field(default=None, max_length=1024)
+    #: Idle timeout in seconds; None uses the organization's default, 0 never times out.
+    timeout: int | None = Field(default=None, ge=0, le=30 * 24 * 3600)
+    ports: list[PortSpec] = Field(default_factory=list, max_length=100)
+    env: dict[str, str] = Field(default_factory=dict)
+    #: Secret ids to give the environment, besides those its scope gives it anyway.
+    secrets: list[str] = Field(default_factory=list, max_length=100)
+    project_id: str | None = None
+
+
+class EnvironmentSpecPatch(WriteModel):
+    """A partial spec: fields not given are left as they are."""
+
+    desired_phase: DesiredPhase | None = None
+    class_id: str | None = None
+    content: ContentSpec | None = None
+    devcontainer_path: str | None = Field(default=None, max_length=1024)
+    image: str | None = Field(default=None, max_length=1024)
+    timeout: int | None = Field(default=None, ge=0, le=30 * 24 * 3600)
+    ports: list[PortSpec] | None = Field(default=None, max_length=100)
+    env: dict[str, str] | None = None
+    secrets: list[str] | None = Field(default=None, max_length=100)
+
+
+class SSHEndpoint(ReadModel):
+    host: str
+    port: int
+    user: str
+
+
+class PortStatus(ReadModel):
+    port: int
+    name: str = ""
+    admission: Admission = Admission.OWNER
+    protocol: PortProtocol = PortProtocol.HTTP
+    url: str | None = None
+
+
+class EnvironmentStatus(ReadModel):
+    observed_generation: int = 0
+    phase: EnvironmentPhase = EnvironmentPhase.PENDING
+    conditions: list[Condition] = Field(default_factory=list)
+    #: Set by the management plane's scheduler; a runner's status write cannot change it.
+    runner_id: str | None = None
+    ssh: SSHEndpoint | None = None
+    ports: list[PortStatus] = Field(default_factory=list)
+    #: Seconds spent in each start phase (schedule, pull, create, start, ...).
+    timings: dict[str, float] = Field(default_factory=dict)
+    last_activity_at: datetime | None = None
+    snapshot: str | None = None
+    automations: list[dict[str, object]] = Field(default_factory=list)
+    message: str = ""
+
+
+class Environment(Resource[EnvironmentSpec, EnvironmentStatus]):
+    kind: str = "Environment"
+
+
+class EnvironmentCreate(WriteModel):
+    metadata: MetadataWrite = Field(default_factory=MetadataWrite)
+    spec: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
+
+
+class EnvironmentPatch(WriteModel):
+    metadata: MetadataPatch | None = None
+    spec: EnvironmentSpecPatch | None = None
+    #: When given, the write is refused with 409 unless it is the resource's current version.
+    resource_version: str | None = None
+
+
+class EnvironmentStatusWrite(WriteModel):
+    status: EnvironmentStatus
+    resource_version: str | None = None

@@ -1,0 +1,28 @@
+"""SSHKey: a user's public key, which the runners' SSH gateways accept for the user's environments."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from devyard.wire.meta import Condition, MetadataWrite, ReadModel, Resource, WriteModel
+
+__all__ = ["SSHKey", "SSHKeyCreate", "SSHKeySpec", "SSHKeyStatus"]
+
+
+class SSHKeySpec(WriteModel):
+    public_key: str = Field(min_length=1, max_length=16 * 1024)
+
+
+class SSHKeyStatus(ReadModel):
+    fingerprint: str = ""
+    key_type: str = ""
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class SSHKey(Resource[SSHKeySpec, SSHKeyStatus]):
+    kind: str = "SSHKey"
+
+
+class SSHKeyCreate(WriteModel):
+    metadata: MetadataWrite = Field(default_factory=MetadataWrite)
+    spec: SSHKeySpec
