@@ -1,0 +1,440 @@
+"""The generic resource store: reading, listing and writing resources of any kind.
+
+Every write goes through ``Tx``: it hands out revisions from the global counter (which also orders commits),
+writes the change feed that watches read, the labels index and the audit log, all in the caller's
+transaction. Kind modules (``environments``, ``runners``, ...) build on these functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, delete, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
+
+from devyard.server.database.tables import (
+    GLOBAL_SCOPE,
+    AuditRow,
+    ChangeRow,
+    LabelRow,
+    ResourceRow,
+    RevisionRow,
+)
+from devyard.server.store.errors import Conflict, Invalid, NotFound
+from devyard.wire import ids
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "Actor",
+    "ListPage",
+    "Query",
+    "Tx",
+    "current_revision",
+    "get",
+    "list_page",
+    "new_row",
+    "parse_resource_version",
+    "render",
+    "require",
+    "utcnow",
+]
+
+#: PostgreSQL NOTIFY channel on which writers announce new revisions to every server replica.
+NOTIFY_CHANNEL = "devyard_changes"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a write, for the audit log."""
+
+    type: str  # "user" | "runner" | "system" | "anonymous"
+    id: str | None = None
+    source_ip: str | None = None
+    user_agent: str | None = None
+
+
+SYSTEM = Actor("system")
+
+
+def render(row: ResourceRow) -> dict[str, Any]:
+    """The wire form of a resource: ``{kind, metadata, spec, status}``."""
+    return {
+        "kind": row.kind,
+        "metadata": {
+            "id": row.id,
+            "name": row.name,
+            "organization_id": row.organization_id,
+            "creator_id": row.creator_id,
+            "created_at": row.created_at.isoformat(),
+            "updated_at": row.updated_at.isoformat(),
+            "labels": row.labels,
+            "generation": row.generation,
+            "resource_version": str(row.resource_version),
+        },
+        "spec": row.spec,
+        "status": row.status,
+    }
+
+
+def parse_resource_version(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        version = int(value)
+    except ValueError:
+        raise Invalid(f"resource_version {value!r} is not one this server issued") from None
+    if version < 0:
+        raise Invalid(f"resource_version {value!r} is not one this server issued")
+    return version
+
+
+def new_row(
+    kind: str,
+    *,
+    name: str | None,
+    organization_id: str | None,
+    creator_id: str | None,
+    spec: dict[str, Any],
+    status: dict[str, Any] | None = None,
+    labels: dict[str, str] | None = None,
+    resource_id: str | None = None,
+) -> ResourceRow:
+    """A resource not yet written: pass it to ``Tx.create``."""
+    resource_id = resource_id or ids.new_id(kind)
+    now = utcnow()
+    return ResourceRow(
+        id=resource_id,
+        kind=kind,
+        organization_id=organization_id,
+        scope=organization_id or GLOBAL_SCOPE,
+        name=name or resource_id.replace("_", "-"),
+        creator_id=creator_id,
+        created_at=now,
+        updated_at=now,
+        labels=dict(labels or {}),
+        generation=1,
+        resource_version=0,
+        spec=spec,
+        status=status or {},
+    )
+
+
+async def get(session: AsyncSession, kind: str, resource_id: str) -> ResourceRow | None:
+    row = await session.get(ResourceRow, resource_id)
+    if row is None or row.kind != kind:
+        return None
+    return row
+
+
+async def require(session: AsyncSession, kind: str, resource_id: str) -> ResourceRow:
+    row = await get(session, kind, resource_id)
+    if row is None:
+        raise NotFound(f"{kind} {resource_id} not found")
+    return row
+
+
+async def current_revision(session: AsyncSession) -> tuple[int, int]:
+    """The last revision handed out and committed, and the oldest the change feed still holds."""
+    result = await session.execute(select(RevisionRow.value, RevisionRow.compacted).where(RevisionRow.id == 1))
+    value, compacted = result.one()
+    return int(value), int(compacted)
+
+
+@dataclass
+class Query:
+    """What a list asks for, besides paging. Every field narrows; None means any."""
+
+    organization_ids: Sequence[str] | None = None
+    runner_id: str | None = None
+    user_id: str | None = None
+    creator_id: str | None = None
+    project_id: str | None = None
+    phase: str | None = None
+    desired_phase: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    ids: Sequence[str] | None = None
+    #: Rows that belong to this user (``user_id``) or to nobody in particular (shared).
+    own_or_shared: str | None = None
+
+    def apply(self, statement: Select[Any]) -> Select[Any]:
+        if self.organization_ids is not None:
+            statement = statement.where(ResourceRow.organization_id.in_(list(self.organization_ids)))
+        for column, value in (
+            (ResourceRow.runner_id, self.runner_id),
+            (ResourceRow.user_id, self.user_id),
+            (ResourceRow.creator_id, self.creator_id),
+            (ResourceRow.project_id, self.project_id),
+            (ResourceRow.phase, self.phase),
+            (ResourceRow.desired_phase, self.desired_phase),
+        ):
+            if value is not None:
+                statement = statement.where(column == value)
+        if self.ids is not None:
+            statement = statement.where(ResourceRow.id.in_(list(self.ids)))
+        if self.own_or_shared is not None:
+            statement = statement.where((ResourceRow.user_id == self.own_or_shared) | ResourceRow.user_id.is_(None))
+        for key, value in self.labels.items():
+            statement = statement.where(
+                ResourceRow.id.in_(select(LabelRow.resource_id).where(LabelRow.key == key, LabelRow.value == value))
+            )
+        return statement
+
+    def matches(self, change: ChangeRow) -> bool:
+        """Whether a change concerns a resource this query selects, judged on the change's own copy."""
+        if self.organization_ids is not None and change.organization_id not in self.organization_ids:
+            return False
+        if self.runner_id is not None and change.runner_id != self.runner_id:
+            return False
+        if self.user_id is not None and change.user_id != self.user_id:
+            return False
+        if self.creator_id is not None and change.creator_id != self.creator_id:
+            return False
+        if self.ids is not None and change.resource_id not in self.ids:
+            return False
+        if self.own_or_shared is not None and change.user_id not in (None, self.own_or_shared):
+            return False
+        obj = change.object
+        spec, status, metadata = obj.get("spec", {}), obj.get("status", {}), obj.get("metadata", {})
+        if self.project_id is not None and spec.get("project_id") != self.project_id:
+            return False
+        if self.phase is not None and status.get("phase") != self.phase:
+            return False
+        if self.desired_phase is not None and spec.get("desired_phase") != self.desired_phase:
+            return False
+        labels = metadata.get("labels", {})
+        return all(labels.get(key) == value for key, value in self.labels.items())
+
+
+@dataclass
+class ListPage:
+    rows: list[ResourceRow]
+    resource_version: int
+    next_page_token: str | None
+
+
+def _encode_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> str:
+    try:
+        value = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise Invalid("page_token is not one this server issued") from None
+    if ids.kind_of(value) is None:
+        raise Invalid("page_token is not one this server issued")
+    return value
+
+
+async def list_page(
+    session: AsyncSession, kind: str, query: Query, *, page_size: int, page_token: str | None
+) -> ListPage:
+    """One page of a kind's resources, oldest first, and the revision to watch from."""
+    revision, _ = await current_revision(session)
+    statement = query.apply(select(ResourceRow).where(ResourceRow.kind == kind))
+    if page_token:
+        statement = statement.where(ResourceRow.id > _decode_token(page_token))
+    statement = statement.order_by(ResourceRow.id).limit(page_size + 1)
+    rows = list((await session.scalars(statement)).all())
+    next_token = _encode_token(rows[page_size - 1].id) if len(rows) > page_size else None
+    return ListPage(rows[:page_size], revision, next_token)
+
+
+_SELECTOR_FIELDS = ("runner_id", "user_id", "project_id", "phase", "desired_phase")
+
+
+@dataclass
+class _Write:
+    row: ResourceRow
+    type: str  # ADDED | MODIFIED | DELETED
+    labels_changed: bool
+
+
+class Tx:
+    """The writes of one transaction: call ``create``/``modify``/``remove``, then ``commit``.
+
+    The revision counter is bumped at ``commit`` only, right before the rows are flushed, so that the lock it
+    takes (which orders every writer's commit) is held as briefly as possible.
+    """
+
+    def __init__(self, session: AsyncSession, actor: Actor = SYSTEM) -> None:
+        self.session = session
+        self.actor = actor
+        self._writes: list[_Write] = []
+        self._audit: list[dict[str, Any]] = []
+        self.last_revision: int | None = None
+
+    def create(self, row: ResourceRow, *, action: str | None = "create", details: dict[str, Any] | None = None) -> None:
+        self._writes.append(_Write(row, "ADDED", bool(row.labels)))
+        if action:
+            self.audit(action, row, details)
+
+    def modify(
+        self,
+        row: ResourceRow,
+        *,
+        action: str | None = "update",
+        details: dict[str, Any] | None = None,
+        spec_changed: bool = False,
+        labels_changed: bool = False,
+    ) -> None:
+        """Record a change to a row read in this session (its fields already set)."""
+        if spec_changed:
+            row.generation += 1
+        self._writes.append(_Write(row, "MODIFIED", labels_changed))
+        if action:
+            self.audit(action, row, details)
+
+    def remove(self, row: ResourceRow, *, action: str | None = "delete", details: dict[str, Any] | None = None) -> None:
+        self._writes.append(_Write(row, "DELETED", False))
+        if action:
+            self.audit(action, row, details)
+
+    def audit(
+        self,
+        action: str,
+        row: ResourceRow | None,
+        details: dict[str, Any] | None = None,
+        *,
+        target_kind: str | None = None,
+        target_id: str | None = None,
+        organization_id: str | None = None,
+    ) -> None:
+        kind = target_kind or (row.kind if row is not None else "")
+        self._audit.append(
+            {
+                "id": ids.new_id("AuditEvent"),
+                "organization_id": organization_id
+                or (row.organization_id if row is not None else None)
+                or (row.id if row is not None and row.kind == "Organization" else None),
+                "created_at": utcnow(),
+                "actor_type": self.actor.type,
+                "actor_id": self.actor.id,
+                "action": f"{_snake(kind)}.{action}" if "." not in action else action,
+                "target_kind": kind,
+                "target_id": target_id or (row.id if row is not None else None),
+                "source_ip": self.actor.source_ip,
+                "user_agent": (self.actor.user_agent or "")[:255] or None,
+                "details": details or {},
+            }
+        )
+
+    async def commit(self) -> int | None:
+        """Write everything; returns the last revision handed out (None when nothing changed)."""
+        session = self.session
+        now = utcnow()
+        if self._writes:
+            count = len(self._writes)
+            result = await session.execute(
+                update(RevisionRow)
+                .where(RevisionRow.id == 1)
+                .values(value=RevisionRow.value + count)
+                .returning(RevisionRow.value)
+            )
+            last = int(result.scalar_one())
+            first = last - count + 1
+            for offset, write in enumerate(self._writes):
+                row = write.row
+                row.resource_version = first + offset
+                row.updated_at = now
+                _copy_selectors(row)
+                if write.type == "ADDED":
+                    session.add(row)
+                elif write.type == "DELETED":
+                    await session.delete(row)
+            try:
+                await session.flush()
+            except StaleDataError:
+                raise Conflict("the resource changed meanwhile; read it again and retry") from None
+            except IntegrityError as exc:
+                raise Conflict(_integrity_message(exc)) from None
+            labelled = [w.row for w in self._writes if w.labels_changed and w.type != "DELETED"]
+            if labelled:
+                await session.execute(delete(LabelRow).where(LabelRow.resource_id.in_([r.id for r in labelled])))
+                values = [{"resource_id": r.id, "key": k, "value": v} for r in labelled for k, v in r.labels.items()]
+                if values:
+                    await session.execute(insert(LabelRow), values)
+            await session.execute(
+                insert(ChangeRow),
+                [
+                    {
+                        "revision": first + offset,
+                        "kind": write.row.kind,
+                        "resource_id": write.row.id,
+                        "organization_id": write.row.organization_id,
+                        "runner_id": write.row.runner_id,
+                        "creator_id": write.row.creator_id,
+                        "user_id": write.row.user_id,
+                        "type": write.type,
+                        "object": render(write.row),
+                        "created_at": now,
+                    }
+                    for offset, write in enumerate(self._writes)
+                ],
+            )
+            if session.bind.dialect.name == "postgresql":
+                await session.execute(
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": NOTIFY_CHANNEL, "payload": str(last)},
+                )
+            self.last_revision = last
+        if self._audit:
+            await session.execute(insert(AuditRow), self._audit)
+        self._writes.clear()
+        self._audit.clear()
+        return self.last_revision
+
+
+def _copy_selectors(row: ResourceRow) -> None:
+    spec, status = row.spec, row.status
+    if row.kind == "Environment":
+        row.runner_id = status.get("runner_id")
+        row.phase = status.get("phase")
+        row.desired_phase = spec.get("desired_phase")
+        row.project_id = spec.get("project_id")
+    elif row.kind in ("Runner",):
+        row.phase = status.get("phase")
+    elif row.kind in ("Membership", "Token"):
+        row.user_id = spec.get("user_id")
+    elif row.kind in ("SSHKey",):
+        row.user_id = row.creator_id
+    elif row.kind == "Secret":
+        row.project_id = spec.get("project_id")
+        row.user_id = row.creator_id if spec.get("scope") == "user" else None
+
+
+def _snake(kind: str) -> str:
+    out = []
+    for index, char in enumerate(kind):
+        if char.isupper() and index and not kind[index - 1].isupper():
+            out.append("_")
+        out.append(char.lower())
+    return "".join(out)
+
+
+def _integrity_message(exc: IntegrityError) -> str:
+    text_ = str(exc.orig).lower()
+    if "unique" in text_ or "duplicate" in text_:
+        return "a resource of this kind with this name already exists"
+    if "foreign key" in text_:
+        return "the request refers to a resource that does not exist"
+    return "the write conflicts with the database's constraints"
+
+
+async def count(session: AsyncSession, kind: str, query: Query) -> int:
+    statement = query.apply(select(func.count()).select_from(ResourceRow).where(ResourceRow.kind == kind))
+    return int((await session.execute(statement)).scalar_one())
+
+
+__all__ += ["SYSTEM", "count"]
