@@ -1,0 +1,103 @@
+"""Fixtures every test may use: databases on SQLite and PostgreSQL, and the live management plane.
+
+- ``database_url``: a fresh, empty database for the test, once per database kind: ``sqlite:///<tmp>/devyard.db``
+  and ``postgresql://postgres@127.0.0.1:PORT/test_N`` (marked ``postgres``). The kinds come from
+  ``--databases`` or ``DEVYARD_TEST_DATABASES`` (default ``sqlite,postgresql``).
+- ``postgres_server``: one real PostgreSQL server for the session (``support.postgres``), started the first time
+  a test needs it. Where its binaries are missing, PostgreSQL tests are skipped, or fail when ``CI=true``.
+- ``server_settings`` -> ``server`` -> ``admin_client``: the real app in a thread of this process on a free port
+  (``support.live_server``) over ``database_url``. Override ``server_settings`` in a module to change settings.
+
+Called by pytest. ``tests/`` is on ``sys.path`` (it is not a package), so tests import ``support.*``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devyard.client import Client
+from devyard.server.settings import ServerSettings
+from support import live_server, postgres
+
+DATABASE_KINDS = ("sqlite", "postgresql")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--databases",
+        default=os.environ.get("DEVYARD_TEST_DATABASES", ",".join(DATABASE_KINDS)),
+        help="Comma-separated database kinds that database tests run on (default: $DEVYARD_TEST_DATABASES "
+        "or sqlite,postgresql).",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _selected_databases(config)  # a typo fails the run now, not as a missing parameter later
+    # A developer's shell may point the CLI and settings at a real server; tests must never use it.
+    for name in list(os.environ):
+        if name in ("DEVYARD_SERVER", "DEVYARD_TOKEN") or name.startswith("DEVYARD_SERVER_"):
+            del os.environ[name]
+
+
+def _selected_databases(config: pytest.Config) -> list[str]:
+    kinds = [kind.strip() for kind in str(config.getoption("databases")).split(",") if kind.strip()]
+    unknown = sorted(set(kinds) - set(DATABASE_KINDS))
+    if unknown or not kinds:
+        raise pytest.UsageError(
+            f"--databases / DEVYARD_TEST_DATABASES: expected some of {', '.join(DATABASE_KINDS)}, got {kinds}"
+        )
+    return [kind for kind in DATABASE_KINDS if kind in kinds]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database_kind" in metafunc.fixturenames:
+        marks = {"postgresql": [pytest.mark.postgres]}
+        metafunc.parametrize(
+            "database_kind",
+            [pytest.param(kind, id=kind, marks=marks.get(kind, [])) for kind in _selected_databases(metafunc.config)],
+        )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.PostgresServer]:
+    try:
+        bindir = postgres.find_bindir()
+    except postgres.PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true and PostgreSQL is missing: {exc}", pytrace=False)
+        pytest.skip(f"{exc} (set DEVYARD_TEST_DATABASES=sqlite to run SQLite only)")
+    with postgres.running_postgres(bindir) as server:
+        yield server
+
+
+@pytest.fixture
+def database_url(database_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh empty database, as a URL for ``ServerSettings.database``; one test per kind."""
+    if database_kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'devyard.db'}"
+        return
+    server: postgres.PostgresServer = request.getfixturevalue("postgres_server")
+    with server.database() as url:
+        yield url
+
+
+@pytest.fixture
+def server_settings(database_url: str, tmp_path: Path) -> ServerSettings:
+    return live_server.settings_for(tmp_path / "server", database_url)
+
+
+@pytest.fixture
+def server(server_settings: ServerSettings) -> Iterator[live_server.LiveServer]:
+    """The real management plane, running in this process on a free port; stopped after the test."""
+    with live_server.serve_in_thread(server_settings) as live:
+        yield live
+
+
+@pytest.fixture
+def admin_client(server: live_server.LiveServer) -> Iterator[Client]:
+    with server.client() as client:
+        yield client
