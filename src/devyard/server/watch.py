@@ -215,7 +215,7 @@ async def watch_events(
         raise Gone(f"resource_version {revision} is too old (the oldest kept is {feed.compacted}): list again")
     cursor = revision
     deadline = time.monotonic() + timeout if timeout is not None else None
-    last_sent = time.monotonic()
+    last_sent = 0.0  # a bookmark goes out as soon as the watcher has caught up
     while True:
         window = feed.since(cursor)
         if window is None:

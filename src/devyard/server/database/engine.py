@@ -40,9 +40,9 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A read-only transaction."""
+        # Closing (not rolling back) ends the transaction without expiring what was read, so rows stay usable.
         async with self._read_sessions() as session:
             yield session
-            await session.rollback()
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import Select, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,6 +30,7 @@ from devyard.server.database.tables import (
 )
 from devyard.server.store.errors import Conflict, Invalid, NotFound
 from devyard.wire import ids
+from devyard.wire.meta import MetadataPatch
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -273,7 +275,12 @@ class Tx:
         self.actor = actor
         self._writes: list[_Write] = []
         self._audit: list[dict[str, Any]] = []
+        self._later: list[object] = []
         self.last_revision: int | None = None
+
+    def add_after(self, obj: object) -> None:
+        """Add a row that refers to resources of this transaction, after they are written."""
+        self._later.append(obj)
 
     def create(self, row: ResourceRow, *, action: str | None = "create", details: dict[str, Any] | None = None) -> None:
         self._writes.append(_Write(row, "ADDED", bool(row.labels)))
@@ -359,6 +366,9 @@ class Tx:
                 raise Conflict("the resource changed meanwhile; read it again and retry") from None
             except IntegrityError as exc:
                 raise Conflict(_integrity_message(exc)) from None
+            if self._later:
+                self.session.add_all(self._later)
+                await session.flush()
             labelled = [w.row for w in self._writes if w.labels_changed and w.type != "DELETED"]
             if labelled:
                 await session.execute(delete(LabelRow).where(LabelRow.resource_id.in_([r.id for r in labelled])))
@@ -389,11 +399,57 @@ class Tx:
                     {"channel": NOTIFY_CHANNEL, "payload": str(last)},
                 )
             self.last_revision = last
+        elif self._later:
+            self.session.add_all(self._later)
+            await session.flush()
         if self._audit:
             await session.execute(insert(AuditRow), self._audit)
+        self._later.clear()
         self._writes.clear()
         self._audit.clear()
         return self.last_revision
+
+
+def merge_spec(row: ResourceRow, patch: BaseModel | None, model: type[BaseModel]) -> bool:
+    """Apply a partial spec (only the fields it sets) to the row, validated as a whole; True if it changed."""
+    if patch is None:
+        return False
+    merged = {**row.spec, **patch.model_dump(mode="json", include=patch.model_fields_set)}
+    try:
+        spec = model.model_validate(merged).model_dump(mode="json")
+    except ValidationError as exc:
+        raise Invalid(f"the changed spec is not valid: {exc.errors()[0]['msg']}", _errors(exc)) from None
+    if spec == row.spec:
+        return False
+    row.spec = spec
+    return True
+
+
+def merge_metadata(row: ResourceRow, patch: MetadataPatch | None) -> bool:
+    """Apply name and label changes; True if the labels changed."""
+    if patch is None:
+        return False
+    if patch.name is not None:
+        row.name = patch.name
+    if patch.labels is not None and patch.labels != row.labels:
+        row.labels = dict(patch.labels)
+        return True
+    return False
+
+
+def check_version(row: ResourceRow, expected: str | None) -> None:
+    """Refuse a write that carries a resource_version other than the current one."""
+    version = parse_resource_version(expected)
+    if version is not None and version != row.resource_version:
+        raise Conflict(
+            f"{row.kind} {row.id} is at resource_version {row.resource_version}, not {version}: "
+            "read it again and retry",
+            {"current_resource_version": str(row.resource_version)},
+        )
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
 
 
 def _copy_selectors(row: ResourceRow) -> None:
@@ -437,4 +493,4 @@ async def count(session: AsyncSession, kind: str, query: Query) -> int:
     return int((await session.execute(statement)).scalar_one())
 
 
-__all__ += ["SYSTEM", "count"]
+__all__ += ["SYSTEM", "check_version", "count", "merge_metadata", "merge_spec"]

@@ -1,0 +1,101 @@
+"""``/api/v1/environments``: users create and drive environments; runners report their status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
+
+from devyard.server import policy
+from devyard.server.api.context import Context, context
+from devyard.server.api.lists import ListParams, list_params, list_response, narrow
+from devyard.server.api.responses import ERRORS, resource
+from devyard.server.store import environments, resources, secrets
+from devyard.server.store.errors import NotFound
+from devyard.wire.environments import (
+    DesiredPhase,
+    Environment,
+    EnvironmentCreate,
+    EnvironmentPatch,
+    EnvironmentPhase,
+    EnvironmentStatusWrite,
+)
+from devyard.wire.meta import ListResponse
+from devyard.wire.secrets import SecretValue
+
+router = APIRouter(prefix="/api/v1/environments", tags=["environments"], responses=ERRORS)
+KIND = "Environment"
+
+
+@router.get("", response_model=ListResponse[Environment])
+async def list_environments(
+    params: ListParams = Depends(list_params),
+    runner_id: str | None = None,
+    creator_id: str | None = None,
+    project_id: str | None = None,
+    phase: EnvironmentPhase | None = None,
+    desired_phase: DesiredPhase | None = None,
+    ctx: Context = Depends(context),
+) -> Any:
+    query = policy.list_scope(ctx.principal, KIND, params.organization_id)
+    narrow(query, runner_id=runner_id, creator_id=creator_id, project_id=project_id)
+    query.phase = phase.value if phase else None
+    query.desired_phase = desired_phase.value if desired_phase else None
+    return await list_response(ctx, KIND, query, params)
+
+
+@router.post("", status_code=201, response_model=Environment)
+async def create_environment(body: EnvironmentCreate, ctx: Context = Depends(context)) -> Any:
+    row = await ctx.transact(lambda tx: environments.create(tx, ctx.principal, body), retry=False)
+    return resource(row, 201)
+
+
+@router.get("/{environment_id}", response_model=Environment)
+async def get_environment(environment_id: str, ctx: Context = Depends(context)) -> Any:
+    async with ctx.state.database.read() as session:
+        row = await resources.get(session, KIND, environment_id)
+    return resource(policy.require_readable(ctx.principal, row, KIND, environment_id))
+
+
+@router.patch("/{environment_id}", response_model=Environment)
+async def patch_environment(environment_id: str, body: EnvironmentPatch, ctx: Context = Depends(context)) -> Any:
+    row = await ctx.transact(
+        lambda tx: environments.patch(tx, ctx.principal, environment_id, body), retry=body.resource_version is None
+    )
+    return resource(row)
+
+
+@router.delete("/{environment_id}", status_code=202, response_model=Environment)
+async def delete_environment(
+    environment_id: str, resource_version: str | None = Query(None, max_length=30), ctx: Context = Depends(context)
+) -> Any:
+    row = await ctx.transact(
+        lambda tx: environments.delete(tx, ctx.principal, environment_id, resource_version),
+        retry=resource_version is None,
+    )
+    return resource(row, 202)
+
+
+@router.put("/{environment_id}/status", response_model=Environment)
+async def write_environment_status(
+    environment_id: str, body: EnvironmentStatusWrite, ctx: Context = Depends(context)
+) -> Any:
+    row = await ctx.transact(
+        lambda tx: environments.write_status(tx, ctx.principal, environment_id, body),
+        retry=body.resource_version is None,
+    )
+    if row is None:
+        return JSONResponse({"deleted": True, "id": environment_id}, status_code=200)
+    return resource(row)
+
+
+@router.get("/{environment_id}/secrets", response_model=list[SecretValue])
+async def environment_secrets(environment_id: str, ctx: Context = Depends(context)) -> Any:
+    """The decrypted secrets of an environment, for the runner it is assigned to only."""
+    async with ctx.state.database.read() as session:
+        row = await resources.get(session, KIND, environment_id)
+        if row is None or not ctx.principal.is_runner or row.runner_id != ctx.principal.id:
+            raise NotFound(f"{KIND} {environment_id} not found")
+        values = await secrets.values_for_environment(session, row, ctx.state.secrets)
+    return JSONResponse(values)

@@ -1,0 +1,86 @@
+"""First start on an empty database: organization ``default``, an admin user and an admin token.
+
+The token's secret is written to ``<state-dir>/admin-token`` (mode 0600) and nowhere else. Called by the app's
+lifespan; replicas starting at once on one PostgreSQL race harmlessly (the loser's insert conflicts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from sqlalchemy import select
+
+from devyard.server import auth
+from devyard.server.database.tables import CredentialRow, ResourceRow
+from devyard.server.state import ServerState
+from devyard.server.store import resources
+from devyard.server.store.errors import Conflict
+from devyard.server.store.organizations import add_membership, new_organization
+from devyard.wire.organizations import OrganizationSpec, Role
+
+__all__ = ["ADMIN_TOKEN_FILE", "bootstrap"]
+
+ADMIN_TOKEN_FILE = "admin-token"
+log = logging.getLogger(__name__)
+
+
+async def bootstrap(state: ServerState) -> bool:
+    """Make the first organization, admin and token if the database has none; True if it did."""
+    try:
+        async with state.database.write() as session:
+            if await session.scalar(select(ResourceRow.id).where(ResourceRow.kind == "Organization").limit(1)):
+                return False
+            tx = resources.Tx(session)
+            org = new_organization("default", OrganizationSpec(display_name="Default organization"), None)
+            tx.create(org, action="bootstrap")
+            user = resources.new_row(
+                "User",
+                name="admin",
+                organization_id=None,
+                creator_id=None,
+                spec={"display_name": "Administrator", "email": None},
+                status={"organization_ids": [org.id]},
+            )
+            tx.create(user, action="bootstrap")
+            add_membership(tx, user, org.id, Role.ADMIN, None)
+            token = resources.new_row(
+                "Token",
+                name="admin",
+                organization_id=org.id,
+                creator_id=user.id,
+                spec={"description": "made on first start", "expires_at": None, "user_id": user.id},
+            )
+            secret = auth.new_secret("user")
+            token.status = {"prefix": secret[:10]}
+            token.scope = user.id
+            tx.create(token, action="bootstrap")
+            tx.add_after(
+                CredentialRow(
+                    hash=auth.hash_secret(secret),
+                    principal_type="user",
+                    token_id=token.id,
+                    subject_id=user.id,
+                    created_at=resources.utcnow(),
+                    expires_at=None,
+                    revoked_at=None,
+                )
+            )
+            await tx.commit()
+    except Conflict:
+        log.info("another server replica bootstrapped the database")
+        return False
+    _write_secret(Path(state.settings.state_dir) / ADMIN_TOKEN_FILE, secret)
+    log.info("created organization 'default', user 'admin' and its token in %s", ADMIN_TOKEN_FILE)
+    return True
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
