@@ -40,8 +40,20 @@ class PostgresUnavailable(RuntimeError):
 
 
 def find_bindir() -> Path:
-    """The directory holding ``initdb`` and ``postgres``: ``pg_config --bindir``, the newest Debian
-    ``/usr/lib/postgresql/*/bin``, or ``PATH``."""
+    """The directory holding ``initdb`` and ``postgres``: ``$DEVYARD_TEST_POSTGRES_BINDIR`` if set, else
+    ``pg_config --bindir``, the newest Debian ``/usr/lib/postgresql/*/bin``, or ``PATH``."""
+    chosen = os.environ.get("DEVYARD_TEST_POSTGRES_BINDIR")
+    candidates = [Path(chosen)] if chosen else _bindir_candidates()
+    for bindir in candidates:
+        if (bindir / "initdb").is_file() and (bindir / "postgres").is_file():
+            return bindir
+    raise PostgresUnavailable(
+        f"PostgreSQL server binaries (initdb, postgres) not found in {', '.join(map(str, candidates)) or 'PATH'}; "
+        "run scripts/setup (it installs Debian's postgresql package) or set DEVYARD_TEST_POSTGRES_BINDIR"
+    )
+
+
+def _bindir_candidates() -> list[Path]:
     candidates: list[Path] = []
     if pg_config := shutil.which("pg_config"):
         # On Debian pg_config may come from libpq-dev alone; its bindir then has no server.
@@ -52,13 +64,7 @@ def find_bindir() -> Path:
     candidates += sorted(versions, key=_debian_version, reverse=True)
     if initdb := shutil.which("initdb"):
         candidates.append(Path(initdb).parent)
-    for bindir in candidates:
-        if (bindir / "initdb").is_file() and (bindir / "postgres").is_file():
-            return bindir
-    raise PostgresUnavailable(
-        "PostgreSQL server binaries (initdb, postgres) not found via pg_config, /usr/lib/postgresql/*/bin or "
-        "PATH; run scripts/setup (it installs Debian's postgresql package)"
-    )
+    return candidates
 
 
 @dataclass
