@@ -1,0 +1,308 @@
+"""``devyard env``: create, list, show, start, stop and delete environments.
+
+Start and stop set ``spec.desired_phase``; the runner does the work, and ``--wait`` follows it there.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import click
+
+from devyard.cli import _render
+from devyard.cli._invocation import Invocation, api_command
+from devyard.cli._param_types import DURATION, KEY_VALUE
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from devyard.wire.environments import ContentSpec, Environment
+
+__all__ = ["content_from_context", "env", "render_environment", "wait_and_emit"]
+
+_URL_RE: Final = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_SCP_RE: Final = re.compile(r"^[\w.-]+@[\w.-]+:")
+DEFAULT_WAIT: Final = 600.0
+
+_wait_options = [
+    click.option("--wait", is_flag=True, help="Return only once the runner is done (or it failed)."),
+    click.option(
+        "--wait-timeout", type=DURATION, default=DEFAULT_WAIT, show_default="10m", help="How long --wait waits."
+    ),
+]
+
+
+def wait_options(function: Any) -> Any:
+    for option in reversed(_wait_options):
+        function = option(function)
+    return function
+
+
+@click.group()
+def env() -> None:
+    """Create, list, show, start, stop and delete environments.
+
+    ENVIRONMENT is an environment's id (env_...) or its name.
+    """
+
+
+def is_git_url(context: str) -> bool:
+    return bool(_URL_RE.match(context) or _SCP_RE.match(context))
+
+
+def content_from_context(context: str, ref: str | None = None) -> ContentSpec:
+    """A git URL becomes ``content.git``; anything else must be a local folder and becomes ``local_path``."""
+    from devyard.wire.environments import ContentSpec, GitContent
+
+    if is_git_url(context):
+        return ContentSpec(git=GitContent(url=context, ref=ref))
+    if ref is not None:
+        raise click.BadParameter("--ref applies to a git URL only", param_hint="--ref")
+    folder = Path(context).expanduser()
+    if not folder.is_dir():
+        raise click.BadParameter(f"{context!r} is neither a folder nor a git URL", param_hint="CONTEXT")
+    return ContentSpec(local_path=str(folder.resolve()))
+
+
+@env.command("create")
+@click.argument("context")
+@click.option("--name", help="A name (lower-case letters, digits, '.', '_', '-'); default: generated.")
+@click.option("--class", "class_ref", metavar="CLASS", help="Environment class id or name; default: the default class.")
+@click.option("--image", help="Use this image instead of the dev container's.")
+@click.option("--ref", help="The git branch, tag or commit (git URLs only).")
+@click.option("--devcontainer-path", help="The devcontainer.json to use, relative to the repository.")
+@click.option("--project", "project_ref", metavar="PROJECT", help="Project id or name.")
+@click.option("--timeout", type=DURATION, help="Stop after this long idle (e.g. 30m; 0 never); default: the org's.")
+@click.option(
+    "--env", "variables", type=KEY_VALUE, multiple=True, metavar="KEY=VALUE", help="Set a variable (repeatable)."
+)
+@wait_options
+@api_command
+def create_environment(
+    invocation: Invocation,
+    context: str,
+    name: str | None,
+    class_ref: str | None,
+    image: str | None,
+    ref: str | None,
+    devcontainer_path: str | None,
+    project_ref: str | None,
+    timeout: float | None,
+    variables: tuple[tuple[str, str], ...],
+    wait: bool,
+    wait_timeout: float,
+) -> None:
+    """Create an environment from CONTEXT: a git URL or a local folder (on a desktop runner)."""
+    from devyard.cli._references import resolve_id
+    from devyard.wire.environments import EnvironmentCreate, EnvironmentSpec
+    from devyard.wire.meta import MetadataWrite
+
+    client = invocation.client()
+    spec: dict[str, Any] = {"content": content_from_context(context, ref)}
+    if class_ref is not None:
+        spec["class_id"] = resolve_id(client, "environment-classes", "EnvironmentClass", class_ref)
+    if project_ref is not None:
+        spec["project_id"] = resolve_id(client, "projects", "Project", project_ref)
+    for key, value in (("image", image), ("devcontainer_path", devcontainer_path)):
+        if value is not None:
+            spec[key] = value
+    if timeout is not None:
+        spec["timeout"] = int(timeout)
+    if variables:
+        spec["env"] = dict(variables)
+    metadata = MetadataWrite(name=name) if name is not None else MetadataWrite()
+    body = EnvironmentCreate(metadata=metadata, spec=EnvironmentSpec(**spec))
+    created = client.post("/api/v1/environments", body.model_dump(mode="json", exclude_unset=True))
+    if wait:
+        wait_and_emit(invocation, created, "running", wait_timeout, "Environment {id} is running.")
+    else:
+        invocation.emit(created, lambda data: _summary(data, "Created environment {id}."))
+
+
+@env.command("list")
+@click.option("--phase", help="Only environments in this phase.")
+@click.option("--runner", "runner_ref", metavar="RUNNER", help="Only environments on this runner (id or name).")
+@api_command
+def list_environments(invocation: Invocation, phase: str | None, runner_ref: str | None) -> None:
+    """List the environments you can see."""
+    from devyard.cli._references import resolve_id
+
+    client = invocation.client()
+    params: dict[str, str] = {}
+    if phase is not None:
+        params["phase"] = phase
+    if runner_ref is not None:
+        params["runner_id"] = resolve_id(client, "runners", "Runner", runner_ref)
+    items, version = client.list_all("/api/v1/environments", params)
+    invocation.emit({"items": items, "resource_version": version}, _environment_table)
+
+
+@env.command("get")
+@click.argument("environment")
+@api_command
+def get_environment(invocation: Invocation, environment: str) -> None:
+    """Show an environment: where it comes from, its phase, how to reach it, its conditions."""
+    client = invocation.client()
+    invocation.emit(client.get(_path(invocation, environment)), render_environment)
+
+
+@env.command("start")
+@click.argument("environment")
+@wait_options
+@api_command
+def start_environment(invocation: Invocation, environment: str, wait: bool, wait_timeout: float) -> None:
+    """Start a stopped environment."""
+    _set_desired_phase(invocation, environment, "running", wait, wait_timeout)
+
+
+@env.command("stop")
+@click.argument("environment")
+@wait_options
+@api_command
+def stop_environment(invocation: Invocation, environment: str, wait: bool, wait_timeout: float) -> None:
+    """Stop an environment; its disk is kept."""
+    _set_desired_phase(invocation, environment, "stopped", wait, wait_timeout)
+
+
+@env.command("delete")
+@click.argument("environment")
+@wait_options
+@api_command
+def delete_environment(invocation: Invocation, environment: str, wait: bool, wait_timeout: float) -> None:
+    """Delete an environment and its disk."""
+    from devyard.cli._waiting import DELETED, wait_for_environment
+
+    client = invocation.client()
+    path = _path(invocation, environment)
+    answer = client.delete(path)
+    environment_id = path.rsplit("/", 1)[1]
+    if wait:
+        with invocation.progress(f"Deleting {environment_id}") as update:
+            wait_for_environment(
+                client, environment_id, DELETED, timeout=wait_timeout, on_change=_progress_text(update)
+            )
+        invocation.emit(answer, lambda _: _render.plain(f"Deleted environment {environment_id}."))
+    else:
+        invocation.emit(answer, lambda _: _render.plain(f"Deleting environment {environment_id}."))
+
+
+def _set_desired_phase(invocation: Invocation, reference: str, phase: str, wait: bool, wait_timeout: float) -> None:
+    client = invocation.client()
+    changed = client.patch(_path(invocation, reference), {"spec": {"desired_phase": phase}})
+    if wait:
+        done = "Environment {id} is " + phase + "."
+        wait_and_emit(invocation, changed, phase, wait_timeout, done)
+    else:
+        verb = "Starting" if phase == "running" else "Stopping"
+        invocation.emit(changed, lambda data: _summary(data, verb + " environment {id}."))
+
+
+def wait_and_emit(
+    invocation: Invocation, environment: dict[str, Any], target: str, timeout: float, done: str
+) -> dict[str, Any]:
+    """Wait for ``environment`` to reach ``target``, showing its phase meanwhile, then print it."""
+    from devyard.cli._waiting import wait_for_environment
+
+    environment_id = environment["metadata"]["id"]
+    with invocation.progress(f"Waiting for {environment_id}") as update:
+        final = wait_for_environment(
+            invocation.client(), environment_id, target, timeout=timeout, on_change=_progress_text(update)
+        )
+    assert final is not None
+    invocation.emit(final, lambda data: _summary(data, done))
+    return final
+
+
+def _progress_text(update: Any) -> Any:
+    def on_change(environment: dict[str, Any]) -> None:
+        status = environment.get("status") or {}
+        text = f"{environment['metadata']['id']}: {status.get('phase', 'pending')}"
+        if status.get("message"):
+            text += f" ({status['message']})"
+        update(text)
+
+    return on_change
+
+
+def _path(invocation: Invocation, reference: str) -> str:
+    from devyard.cli._references import resolve_id
+
+    return "/api/v1/environments/" + resolve_id(invocation.client(), "environments", "Environment", reference)
+
+
+def _context(environment: Environment) -> str:
+    content = environment.spec.content
+    if content is None:
+        return ""
+    if content.git is not None:
+        return content.git.url + (f"#{content.git.ref}" if content.git.ref else "")
+    return content.local_path or ""
+
+
+def _phase(environment: Environment) -> RenderableType:
+    from rich.text import Text
+
+    phase = environment.status.phase.value
+    desired = environment.spec.desired_phase.value
+    text = _render.phase(phase)
+    if desired != phase and phase != "failed":
+        text = Text.assemble(text, (f" → {desired}", "dim"))
+    return text
+
+
+def _environment_table(data: dict[str, Any]) -> RenderableType:
+    from devyard.wire.environments import Environment
+
+    environments = [Environment.model_validate(item) for item in data["items"]]
+    return _render.table(
+        ["ID", "NAME", "PHASE", "CONTEXT", "AGE"],
+        (
+            (e.metadata.id, e.metadata.name, _phase(e), _context(e), _render.age(e.metadata.created_at))
+            for e in environments
+        ),
+        empty="No environments. Create one with `devyard env create CONTEXT` or `devyard up`.",
+    )
+
+
+def render_environment(data: dict[str, Any]) -> RenderableType:
+    from rich.console import Group
+
+    from devyard.wire.environments import Environment
+
+    environment = Environment.model_validate(data)
+    spec, status, created = environment.spec, environment.status, environment.metadata.created_at
+    ssh = status.ssh
+    ports = ", ".join(f"{p.port}" + (f" {p.url}" if p.url else "") for p in status.ports)
+    timings = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in status.timings.items())
+    panel = _render.fields(
+        f"Environment {environment.metadata.id}",
+        [
+            ("name", environment.metadata.name),
+            ("phase", _phase(environment)),
+            ("message", status.message),
+            ("context", _context(environment)),
+            ("class", spec.class_id),
+            ("image", spec.image),
+            ("project", spec.project_id),
+            ("runner", status.runner_id),
+            ("ssh", f"ssh -p {ssh.port} {ssh.user}@{ssh.host}" if ssh else None),
+            ("ports", ports),
+            ("timings", timings),
+            ("created", f"{created:%Y-%m-%d %H:%M:%S} ({_render.age(created)} ago)"),
+        ],
+    )
+    if not status.conditions:
+        return panel
+    return Group(panel, "", _render.conditions(status.conditions))
+
+
+def _summary(data: dict[str, Any], template: str) -> RenderableType:
+    from rich.console import Group
+
+    environment_id = data["metadata"]["id"]
+    return Group(
+        _render.plain(template.format(id=environment_id)),
+        render_environment(data),
+    )

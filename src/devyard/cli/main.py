@@ -1,0 +1,84 @@
+"""The root of the ``devyard`` command; the console script ``devyard`` calls ``main``.
+
+Commands live in their own modules and are imported only when they run, so that ``devyard --help`` and
+``devyard <cmd> --help`` never pay for httpx, rich or pydantic; their one-line help is written here instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Final
+
+import click
+
+from devyard import __version__
+
+__all__ = ["LAZY_COMMANDS", "cli", "main"]
+
+#: command name -> (``module:attribute``, one-line help), in the order ``devyard --help`` lists them.
+LAZY_COMMANDS: Final[dict[str, tuple[str, str]]] = {
+    "up": ("devyard.cli.local:up", "Start the local daemon if needed and an environment for a folder or URL."),
+    "down": ("devyard.cli.local:down", "Stop the local daemon."),
+    "login": ("devyard.cli.login:login", "Save a server and a token in the config file."),
+    "whoami": ("devyard.cli.login:whoami", "Show who the configured credential belongs to."),
+    "env": ("devyard.cli.environments:env", "Create, list, start, stop and delete environments."),
+    "class": ("devyard.cli.environment_classes:environment_class", "Manage environment classes."),
+    "project": ("devyard.cli.projects:project", "Manage projects."),
+    "secret": ("devyard.cli.secrets:secret", "Manage secrets."),
+    "ssh-key": ("devyard.cli.ssh_keys:ssh_key", "Manage your SSH public keys."),
+    "token": ("devyard.cli.tokens:token", "Manage access tokens."),
+    "org": ("devyard.cli.organizations:org", "Manage organizations."),
+    "user": ("devyard.cli.users:user", "Manage users and their roles."),
+    "server": ("devyard.cli.processes:server", "Run the management plane."),
+    "runner": ("devyard.cli.runners:runner", "Run a runner on this host, or manage runners."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when the subcommand is used."""
+
+    def __init__(self, *args: object, lazy_commands: dict[str, tuple[str, str]], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*self.lazy_commands, *sorted(set(super().list_commands(ctx)) - set(self.lazy_commands))]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy_commands:
+            return super().get_command(ctx, cmd_name)
+        module_name, _, attribute = self.lazy_commands[cmd_name][0].partition(":")
+        command = getattr(importlib.import_module(module_name), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{module_name}:{attribute} is not a click command")
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, short_help) for name, (_, short_help) in self.lazy_commands.items()]
+        for name in super().list_commands(ctx):
+            command = super().get_command(ctx, name)
+            if name not in self.lazy_commands and command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(formatter.width)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_commands=LAZY_COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.version_option(__version__, "--version", prog_name="devyard")
+def cli() -> None:
+    """devyard: self-hosted development environments.
+
+    On one machine, `devyard up [PATH|GIT_URL]` runs everything locally and starts an environment.
+    For a team, run `devyard server`, a `devyard runner` on each host, and `devyard login` on each desk.
+
+    The server and token come from --server/--token, else DEVYARD_SERVER/DEVYARD_TOKEN, else the
+    config file that `devyard login` and `devyard up` write. Every command takes `-o json`.
+    """
+
+
+def main() -> None:
+    cli(prog_name="devyard")

@@ -1,0 +1,197 @@
+"""``devyard runner``: run a runner on this host (no subcommand), or manage runners (create, list, get, delete).
+
+``devyard runner create`` prints the one-time exchange token and the exact line to run on the runner's host;
+``devyard runner --server URL --token EXCHANGE`` then trades it for a credential kept in the state directory,
+so later starts need only ``--server`` (or nothing, when the settings come from ``DEVYARD_RUNNER_*``).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from devyard.cli import _render
+from devyard.cli._invocation import Invocation, api_command
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+__all__ = ["runner"]
+
+
+@click.group(invoke_without_command=True)
+@click.option("--server", "server_url", metavar="URL", help="The management plane's URL.")
+@click.option("--token", "exchange_token", metavar="EXCHANGE", help="The exchange token from `devyard runner create`.")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the runner keeps its credential and environments.",
+)
+@click.option("--runtime", metavar="NAME", help="How environments run: fake (for now).")
+@click.pass_context
+def runner(
+    ctx: click.Context,
+    server_url: str | None,
+    exchange_token: str | None,
+    state_dir: Path | None,
+    runtime: str | None,
+) -> None:
+    """Run a runner on this host, or manage runners with a subcommand.
+
+    \b
+    On the runner's host:   devyard runner --server URL --token EXCHANGE [--state-dir DIR] [--runtime fake]
+    As an admin:            devyard runner create | list | get | delete
+    """
+    given = {"server": server_url, "exchange_token": exchange_token, "state_dir": state_dir, "runtime": runtime}
+    if ctx.invoked_subcommand is not None:
+        if any(value is not None for value in given.values()):
+            raise click.UsageError(
+                "--server/--token/--state-dir/--runtime before a subcommand run a runner; "
+                f"put them after `{ctx.invoked_subcommand}` (`devyard runner {ctx.invoked_subcommand} --help`)"
+            )
+        return
+    _run(given)
+
+
+def _run(given: dict[str, Any]) -> None:
+    from devyard.cli.processes import settings_or_exit
+    from devyard.runner.settings import RunnerSettings
+
+    settings = settings_or_exit(RunnerSettings, given)
+    from devyard.runner.main import run_runner
+
+    run_runner(settings)
+
+
+@runner.command("create")
+@click.option("--name", help="A name; default: generated.")
+@click.option("--region", help="The runner's region [default: default].")
+@click.option("--description", help="What the runner is for.")
+@click.option("--max-environments", type=click.IntRange(min=0), help="Cap the environments it takes.")
+@api_command
+def create_runner(
+    invocation: Invocation,
+    name: str | None,
+    region: str | None,
+    description: str | None,
+    max_environments: int | None,
+) -> None:
+    """Register a runner and print the one-time command that starts it on its host."""
+    from devyard.wire.meta import MetadataWrite
+    from devyard.wire.runners import RunnerCreate, RunnerSpec
+
+    spec = {
+        key: value
+        for key, value in (("region", region), ("description", description), ("max_environments", max_environments))
+        if value is not None
+    }
+    body = RunnerCreate(metadata=MetadataWrite(name=name) if name else MetadataWrite(), spec=RunnerSpec(**spec))
+    created = invocation.client().post("/api/v1/runners", body.model_dump(mode="json", exclude_unset=True))
+    invocation.emit(created, lambda data: _created(data, invocation.server or ""))
+
+
+@runner.command("list")
+@api_command
+def list_runners(invocation: Invocation) -> None:
+    """List the runners of your organizations."""
+    items, version = invocation.client().list_all("/api/v1/runners")
+    invocation.emit({"items": items, "resource_version": version}, _runner_table)
+
+
+@runner.command("get")
+@click.argument("runner_ref", metavar="RUNNER")
+@api_command
+def get_runner(invocation: Invocation, runner_ref: str) -> None:
+    """Show a runner (id or name)."""
+    from devyard.cli._references import resolve_id
+
+    client = invocation.client()
+    runner_id = resolve_id(client, "runners", "Runner", runner_ref)
+    invocation.emit(client.get(f"/api/v1/runners/{runner_id}"), _runner_fields)
+
+
+@runner.command("delete")
+@click.argument("runner_ref", metavar="RUNNER")
+@api_command
+def delete_runner(invocation: Invocation, runner_ref: str) -> None:
+    """Delete a runner (id or name); its credential stops working."""
+    from devyard.cli._references import resolve_id
+
+    client = invocation.client()
+    runner_id = resolve_id(client, "runners", "Runner", runner_ref)
+    answer = client.delete(f"/api/v1/runners/{runner_id}")
+    invocation.emit(answer, lambda _: _render.plain(f"Deleted runner {runner_id}."))
+
+
+def _created(data: dict[str, Any], server: str) -> RenderableType:
+    from rich.console import Group
+    from rich.text import Text
+
+    from devyard.wire.runners import RunnerCreated
+
+    created = RunnerCreated.model_validate(data)
+    command = shlex.join(["devyard", "runner", "--server", server, "--token", created.exchange_token])
+    return Group(
+        Text(f"Created runner {created.runner.metadata.id} ({created.runner.metadata.name}).", style="bold"),
+        Text(
+            f"Run this on the runner's host before {created.exchange_token_expires_at:%Y-%m-%d %H:%M} UTC; "
+            "the token works once and is not shown again:"
+        ),
+        Text(""),
+        Text("  " + command, style="cyan", no_wrap=True, overflow="ignore"),
+    )
+
+
+def _runner_table(data: dict[str, Any]) -> RenderableType:
+    from devyard.wire.runners import Runner
+
+    runners = [Runner.model_validate(item) for item in data["items"]]
+    return _render.table(
+        ["ID", "NAME", "REGION", "PHASE", "RUNTIME", "HOST", "CAPACITY", "HEARTBEAT"],
+        (
+            (
+                r.metadata.id,
+                r.metadata.name,
+                r.spec.region,
+                _render.phase(r.status.phase.value),
+                r.status.runtime,
+                r.status.hostname,
+                str(r.status.capacity),
+                _render.age(r.status.last_heartbeat_at) + " ago" if r.status.last_heartbeat_at else "never",
+            )
+            for r in runners
+        ),
+        empty="No runners. Register one with `devyard runner create`.",
+    )
+
+
+def _runner_fields(data: dict[str, Any]) -> RenderableType:
+    from rich.console import Group
+
+    from devyard.wire.runners import Runner
+
+    r = Runner.model_validate(data)
+    gateway = r.status.gateway
+    fields = _render.fields(
+        f"Runner {r.metadata.id}",
+        [
+            ("name", r.metadata.name),
+            ("region", r.spec.region),
+            ("description", r.spec.description),
+            ("phase", _render.phase(r.status.phase.value)),
+            ("runtime", r.status.runtime),
+            ("host", r.status.hostname),
+            ("version", r.status.version),
+            ("capacity", str(r.status.capacity)),
+            ("max environments", str(r.spec.max_environments) if r.spec.max_environments is not None else None),
+            ("heartbeat", _render.age(r.status.last_heartbeat_at) + " ago" if r.status.last_heartbeat_at else "never"),
+            ("ssh gateway", f"{gateway.ssh_host}:{gateway.ssh_port}" if gateway and gateway.ssh_host else None),
+            ("http gateway", gateway.http_url if gateway else None),
+        ],
+    )
+    if not r.status.conditions:
+        return fields
+    return Group(fields, "", _render.conditions(r.status.conditions))
