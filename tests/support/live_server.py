@@ -7,7 +7,7 @@ for tests such as "a runner survives a server restart".
 
 In a thread, the app is ``devyard.server.app.create_app(settings)`` under ``uvicorn.Server`` with its own event
 loop; its lifespan migrates the database, bootstraps the admin (``<state_dir>/admin-token``) and runs the
-control loops. Start-up returns once ``/healthz`` answers and the admin token is on disk.
+control loops. Start-up returns once ``/healthz`` answers, which is after the lifespan has started.
 """
 
 from __future__ import annotations
@@ -66,7 +66,12 @@ class _Backend(Protocol):
 
 @dataclass
 class LiveServer:
-    """A running management plane. ``stop()`` and ``start()`` keep its port, state directory and database."""
+    """A running management plane. ``stop()`` and ``start()`` keep its port, state directory and database.
+
+    ``admin_token`` is read from ``<state_dir>/admin-token``, which the server writes when it bootstraps an
+    empty database; it is ``""`` for a replica that shares an already bootstrapped database but not the
+    state directory. (Replicas must share the secret key too: the state directory, or ``secret_key``.)
+    """
 
     url: str
     state_dir: Path
@@ -144,15 +149,15 @@ def _started(settings: ServerSettings, backend: _Backend) -> Iterator[LiveServer
     url = f"http://127.0.0.1:{settings.host_port()[1]}"
     backend.start()
     try:
-        token = (settings.state_dir / "admin-token").read_text().strip()
+        token_file = settings.state_dir / "admin-token"
+        token = token_file.read_text().strip() if token_file.exists() else ""
         yield LiveServer(url, settings.state_dir, token, settings, backend)
     finally:
         backend.stop()
 
 
 def _wait_until_healthy(url: str, alive: Callable[[], bool], what: str) -> None:
-    """Poll ``url/healthz`` until it answers 200 and the admin token is written; fail early when ``alive()``
-    turns false."""
+    """Poll ``url/healthz`` until it answers 200; fail early when ``alive()`` turns false."""
     deadline = time.monotonic() + _START_TIMEOUT
     with httpx.Client(base_url=url, timeout=2.0) as http:
         while True:
