@@ -40,7 +40,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         database = Database(settings.database_url())
         await migrate.upgrade(database)
-        feed = ChangeFeed(database)
+        feed = ChangeFeed(database, poll_interval=settings.watch_poll_interval)
         await feed.start()
         state = ServerState(settings, database, feed, SecretBox(load_secret_key(settings)))
         app.state.devyard = state

@@ -223,7 +223,7 @@ async def run(state: ServerState) -> None:
                         await asyncio.wait_for(state.schedule_soon.wait(), max(renew_at - loop.time(), 0.01))
                     await asyncio.sleep(0.02)  # gather a burst of creates into one pass
                 await check_liveness(state)
-                if loop.time() - last_compaction > 60:
+                if loop.time() - last_compaction > state.settings.compaction_interval:
                     await state.feed.compact(timedelta(seconds=state.settings.watch_retention_seconds))
                     last_compaction = loop.time()
             else:

@@ -29,6 +29,10 @@ class ServerSettings(BaseSettings):
     loop_interval: float = Field(default=1.0, gt=0)
     #: How long the change feed keeps changes that watchers may resume from.
     watch_retention_seconds: float = Field(default=3600.0, gt=0)
+    #: How often the change feed is compacted (changes older than the retention dropped).
+    compaction_interval: float = Field(default=60.0, gt=0)
+    #: The change feed's backstop poll; commits in this process and NOTIFY from other replicas wake it sooner.
+    watch_poll_interval: float = Field(default=1.0, gt=0)
     bookmark_interval: float = Field(default=10.0, gt=0)
     #: Exchange tokens expire after this long.
     exchange_token_ttl: float = Field(default=24 * 3600.0, gt=0)

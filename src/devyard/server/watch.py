@@ -246,7 +246,8 @@ async def watch_events(
         wait = bookmark_interval - (now - last_sent)
         if deadline is not None:
             wait = min(wait, deadline - now)
-        if feed.head == cursor:
+        if feed.head <= cursor:
+            # Nothing newer is known yet (the watcher may even be ahead of this process's feed): wait.
             await feed.wait(max(wait, 0.01))
 
 
