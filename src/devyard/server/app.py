@@ -36,8 +36,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state_dir = Path(settings.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await asyncio.to_thread(Path(settings.state_dir).mkdir, parents=True, exist_ok=True, mode=0o700)
         database = Database(settings.database_url())
         await migrate.upgrade(database)
         feed = ChangeFeed(database, poll_interval=settings.watch_poll_interval)

@@ -131,9 +131,9 @@ async def patch(tx: resources.Tx, principal: Principal, env_id: str, body: Envir
     deleting = row.spec.get("desired_phase") == DesiredPhase.DELETED
     if deleting and body.spec is not None and body.spec.desired_phase not in (None, DesiredPhase.DELETED):
         raise Conflict(f"environment {env_id} is being deleted; it cannot be started or stopped")
-    if body.spec is not None and body.spec.class_id is not None and row.runner_id is not None:
-        if body.spec.class_id != row.spec.get("class_id"):
-            raise Invalid("the class of an environment that has a runner cannot change")
+    changes_class = body.spec is not None and body.spec.class_id not in (None, row.spec.get("class_id"))
+    if changes_class and row.runner_id is not None:
+        raise Invalid("the class of an environment that has a runner cannot change")
     spec_changed = resources.merge_spec(row, body.spec, EnvironmentSpec)
     if spec_changed:
         await _check_references(tx.session, principal, row.organization_id or "", EnvironmentSpec(**row.spec))
