@@ -206,11 +206,19 @@ def describe_api_error(exc: ApiError, *, has_token: bool = True) -> str:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
+    from devyard.wire.meta import NAME_PATTERN
+
     problems = []
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"])
-        problems.append(f"{location}: {error['msg']}" if location else str(error["msg"]))
+        message = str(error["msg"])
+        if (error.get("ctx") or {}).get("pattern") == NAME_PATTERN:
+            message = _NAME_RULE
+        problems.append(f"{location}: {message}" if location else message)
     return "invalid input: " + "; ".join(problems)
+
+
+_NAME_RULE = "a name is 1 to 63 lower-case letters, digits, '.', '_' or '-', and starts and ends with a letter or digit"
 
 
 def _detail_lines(details: Any) -> list[str]:

@@ -61,6 +61,11 @@ def _run(given: dict[str, Any]) -> None:
     from devyard.runner.settings import RunnerSettings
 
     settings = settings_or_exit(RunnerSettings, given)
+    if settings.exchange_token is None and not settings.credential_path().exists():
+        raise click.UsageError(
+            f"--token EXCHANGE is needed the first time (there is no credential in {settings.state_dir}); "
+            "an admin gets one with `devyard runner create`"
+        )
     from devyard.runner.main import run_runner
 
     run_runner(settings)

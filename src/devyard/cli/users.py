@@ -29,8 +29,7 @@ def user() -> None:
 @click.option("--role", type=_ROLES, default="member", show_default=True, help="Their role in the organization.")
 @click.option("--org", "org_ref", metavar="ORG", help="The organization (id or name); default: yours.")
 @click.option(
-    "--token",
-    "with_token",
+    "--with-token",
     is_flag=True,
     help="Also make an access token for them and print its secret once (JSON: {user, token}).",
 )
