@@ -162,7 +162,8 @@ def _place(
     roomy = [r for r in online if load[r.id] < _capacity(r)]
     if not roomy:
         return "NoCapacity", "every runner that offers it is full; it waits for room"
-    return min(roomy, key=lambda r: (load[r.id] / max(_capacity(r), 1), r.id))
+    chosen: ResourceRow = min(roomy, key=lambda r: (load[r.id] / max(_capacity(r), 1), r.id))
+    return chosen
 
 
 async def check_liveness(state: ServerState) -> int:
@@ -198,7 +199,7 @@ def _heard_before(runner: ResourceRow, cutoff: Any) -> bool:
         return True
     from datetime import datetime
 
-    return datetime.fromisoformat(heard) < cutoff
+    return bool(datetime.fromisoformat(str(heard)) < cutoff)
 
 
 async def run(state: ServerState) -> None:

@@ -147,11 +147,7 @@ def list_scope(principal: Principal, kind: str, requested_org: str | None) -> Qu
         # A member's view (also for a user with mixed roles: naming an organization shows an admin all of it).
         if kind == "Secret":
             return Query(organization_ids=organizations, own_or_shared=principal.id)
-        return Query(organization_ids=organizations, **_own(principal, kind))
+        if kind in ("Token", "SSHKey"):
+            return Query(organization_ids=organizations, user_id=principal.id)
+        return Query(organization_ids=organizations, creator_id=principal.id)
     return Query(organization_ids=organizations)
-
-
-def _own(principal: Principal, kind: str) -> dict[str, str]:
-    if kind in ("Token", "SSHKey"):
-        return {"user_id": principal.id}
-    return {"creator_id": principal.id}

@@ -153,7 +153,7 @@ class ChangeFeed:
 
     async def _listen(self) -> None:
         """LISTEN for other replicas' commits on a connection of its own; reconnect when it breaks."""
-        import asyncpg
+        import asyncpg  # type: ignore[import-untyped]
 
         url = self.database.engine.url.set(drivername="postgresql")
         dsn = url.render_as_string(hide_password=False)

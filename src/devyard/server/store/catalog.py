@@ -85,7 +85,7 @@ async def delete_class(tx: resources.Tx, principal: Principal, class_id: str) ->
     users = await tx.session.scalar(
         select(ResourceRow.id)
         .where(ResourceRow.kind == "Environment", ResourceRow.spec["class_id"].as_string() == class_id)
-        .limit(1)  # type: ignore[index]
+        .limit(1)
     )
     if users is not None:
         raise Conflict(f"environments still use class {row.name}: disable it instead, or delete them first")

@@ -80,7 +80,7 @@ async def create(tx: resources.Tx, principal: Principal, body: EnvironmentCreate
         default = await session.scalar(
             select(ResourceRow.id)
             .where(ResourceRow.kind == "EnvironmentClass", ResourceRow.organization_id == org_id)
-            .where(ResourceRow.spec["default"].as_boolean().is_(True))  # type: ignore[index]
+            .where(ResourceRow.spec["default"].as_boolean().is_(True))
             .limit(1)
         )
         if default is not None:

@@ -174,7 +174,7 @@ async def _admins(session: AsyncSession, org_id: str) -> int:
             ResourceRow.organization_id == org_id,
             ResourceRow.spec["role"].as_string() == Role.ADMIN.value,
         )
-    )  # type: ignore[index]
+    )
     return int((await session.execute(statement)).scalar_one())
 
 

@@ -12,7 +12,7 @@ import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Select, delete, func, insert, select, text, update
@@ -153,6 +153,23 @@ async def current_revision(session: AsyncSession) -> tuple[int, int]:
     return int(value), int(compacted)
 
 
+class ChangeLike(Protocol):
+    """A change of the feed, as a row or as the feed's in-memory copy."""
+
+    @property
+    def resource_id(self) -> str: ...
+    @property
+    def organization_id(self) -> str | None: ...
+    @property
+    def runner_id(self) -> str | None: ...
+    @property
+    def creator_id(self) -> str | None: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def object(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class Query:
     """What a list asks for, besides paging. Every field narrows; None means any."""
@@ -192,7 +209,7 @@ class Query:
             )
         return statement
 
-    def matches(self, change: ChangeRow) -> bool:
+    def matches(self, change: ChangeLike) -> bool:
         """Whether a change concerns a resource this query selects, judged on the change's own copy."""
         if self.organization_ids is not None and change.organization_id not in self.organization_ids:
             return False
@@ -393,7 +410,7 @@ class Tx:
                     for offset, write in enumerate(self._writes)
                 ],
             )
-            if session.bind.dialect.name == "postgresql":
+            if session.get_bind().dialect.name == "postgresql":
                 await session.execute(
                     text("SELECT pg_notify(:channel, :payload)"),
                     {"channel": NOTIFY_CHANNEL, "payload": str(last)},

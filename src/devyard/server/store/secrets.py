@@ -73,7 +73,7 @@ async def delete(tx: resources.Tx, principal: Principal, secret_id: str) -> Reso
 async def values_for_environment(session: AsyncSession, env: ResourceRow, box: Sealer) -> list[dict[str, str]]:
     """The decrypted secrets an environment gets: its organization's, its project's, its owner's, and the
     ones its spec names."""
-    conditions = [ResourceRow.spec["scope"].as_string() == "organization"]  # type: ignore[index]
+    conditions = [ResourceRow.spec["scope"].as_string() == "organization"]
     if env.project_id:
         conditions.append(ResourceRow.project_id == env.project_id)
     if env.creator_id:

@@ -60,7 +60,7 @@ async def create(tx: resources.Tx, principal: Principal, body: SSHKeyCreate) -> 
     existing = await tx.session.scalar(
         select(ResourceRow.id)
         .where(ResourceRow.kind == KIND, ResourceRow.user_id == principal.id)
-        .where(ResourceRow.status["fingerprint"].as_string() == fingerprint)  # type: ignore[index]
+        .where(ResourceRow.status["fingerprint"].as_string() == fingerprint)
     )
     if existing is not None:
         raise Conflict(f"you registered this key already ({existing})")
