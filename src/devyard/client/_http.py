@@ -263,9 +263,7 @@ class AsyncClient:
         if timeout is not None:
             query["timeout_seconds"] = timeout
         try:
-            async with self._http.stream(
-                "GET", path, params=query, timeout=httpx.Timeout(30.0, read=None)
-            ) as response:
+            async with self._http.stream("GET", path, params=query, timeout=httpx.Timeout(30.0, read=None)) as response:
                 if not response.is_success:
                     await response.aread()
                     raise _error_from(response)
