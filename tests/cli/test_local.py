@@ -91,9 +91,14 @@ def test_up_again_reuses_the_daemon_and_the_environment(cli: Cli, state_dir: Pat
     assert third["environment"]["metadata"]["id"] == first["environment"]["metadata"]["id"]
     assert third["environment"]["status"]["phase"] == "running"
 
-    # Another folder gets an environment of its own.
+    # Another folder, or a git repository, gets an environment of its own.
     other = cli("up", str(state_dir.parent), "--state-dir", str(state_dir), "-o", "json").json()
     assert other["environment"]["metadata"]["id"] != first["environment"]["metadata"]["id"]
+    url = "https://github.com/example/app.git"
+    repository = cli("up", url, "--ref", "main", "--state-dir", str(state_dir), "-o", "json").json()
+    assert repository["environment"]["spec"]["content"]["git"] == {"url": url, "ref": "main"}
+    assert repository["environment"]["status"]["phase"] == "running"
+    assert len(cli("env", "list", "-o", "json").json()["items"]) == 3
 
 
 def test_up_keeps_an_existing_profile_current(cli: Cli, state_dir: Path, home: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
@@ -46,6 +45,8 @@ class Invocation:
     @classmethod
     def resolve(cls, server: str | None, token: str | None, profile: str | None, output: str = "text") -> Invocation:
         """Flags and environment variables (click resolved those) first, then the config file's profile."""
+        if server is not None and token is not None and profile is None:
+            return cls(server=server.rstrip("/"), token=token or None, profile="", output=output)
         config = _config.load()
         name = profile or config.current_profile or _config.DEFAULT_PROFILE
         saved = config.profiles.get(name)
@@ -237,7 +238,3 @@ def _detail_lines(details: Any) -> list[str]:
 
 def _same_server(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
-
-
-def is_interactive() -> bool:
-    return sys.stdin.isatty()

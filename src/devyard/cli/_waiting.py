@@ -57,7 +57,7 @@ def wait_for_environment(
         assert last is not None
         on_change(last)
         if _reached(last, target):
-            return last
+            return None if target == DELETED else last
         if time.monotonic() >= deadline:
             raise WaitFailed(_timed_out(environment_id, target, timeout, last))
         if not can_watch:
@@ -79,7 +79,7 @@ def wait_for_environment(
                 last = event.object
                 on_change(last)
                 if _reached(last, target):
-                    return last
+                    return None if target == DELETED else last
                 if time.monotonic() >= deadline:
                     break
         except ApiError as exc:
