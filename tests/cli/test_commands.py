@@ -264,3 +264,10 @@ def test_runner_without_credential_or_token_fails_clearly(cli: Cli, server: Live
 def test_runner_options_before_a_subcommand_are_refused(cli: Cli) -> None:
     result = cli("runner", "--server", "http://x", "list", ok=False)
     assert result.returncode == 2 and "put them after `list`" in result.stderr
+
+
+def test_process_settings_errors_are_one_line(cli: Cli, tmp_path: Path) -> None:
+    listen = cli("server", "--listen", "nowhere", "--state-dir", str(tmp_path), ok=False)
+    assert listen.returncode == 2 and "expected HOST:PORT" in listen.stderr
+    runtime = cli("runner", "--server", "http://x", "--token", "dyx_t", "--runtime", "vmware", ok=False)
+    assert "invalid input: runtime" in runtime.stderr

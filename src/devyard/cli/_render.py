@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
-    from rich.table import Table
     from rich.text import Text
 
     from devyard.wire.meta import Condition
@@ -58,20 +57,19 @@ def table(
     return grid
 
 
-def fields(title: str, pairs: Iterable[tuple[str, RenderableType | None]]) -> Table:
-    """A two-column ``key  value`` grid with a title, for one resource; pairs with value None are left out."""
+def fields(title: str, pairs: Iterable[tuple[str, RenderableType | None]]) -> RenderableType:
+    """A title over a two-column ``key  value`` grid, for one resource; empty values are left out."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     grid = Table.grid(padding=(0, 2))
-    grid.title = title
-    grid.title_justify = "left"
-    grid.title_style = "bold"
     grid.add_column(style="bold cyan", no_wrap=True)
     grid.add_column()
     for key, value in pairs:
         if value is not None and value != "":
             grid.add_row(key, value)
-    return grid
+    return Group(Text(title, style="bold"), grid)
 
 
 def phase(value: str) -> Text:

@@ -117,7 +117,7 @@ def _class_table(data: dict[str, Any]) -> RenderableType:
         (
             (
                 c.metadata.id,
-                c.spec.display_name or c.metadata.name,
+                c.metadata.name,
                 f"{c.spec.cpu:g}",
                 f"{c.spec.memory_mib / 1024:g} GiB",
                 f"{c.spec.disk_gib} GiB",

@@ -56,7 +56,8 @@ def up(
 ) -> None:
     """Run an environment for CONTEXT (a folder, default `.`, or a git URL) on this machine.
 
-    Starts the local daemon in the background if it is not running; `devyard down` stops it.
+    Starts the local daemon (server and runner, SQLite) in the background unless it runs already, and saves
+    it as the config file's `local` profile; `devyard down` stops it.
     """
     from devyard.cli.environments import content_from_context
     from devyard.local import lifecycle

@@ -26,6 +26,8 @@ __all__ = ["server", "settings_or_exit"]
 def server(listen: str | None, state_dir: Path | None, database: str | None, public_url: str | None) -> None:
     """Run the management plane: the API, the database and the control loops.
 
+    On its first start it makes the organization `default` and the user `admin`, and writes the admin's
+    token to STATE_DIR/admin-token: `devyard login --server URL < STATE_DIR/admin-token`.
     Every setting can also come from a DEVYARD_SERVER_* variable (DEVYARD_SERVER_LISTEN, ...).
     """
     from devyard.server.settings import ServerSettings
