@@ -134,9 +134,13 @@ def _wait_ready(state: StateDir, process: subprocess.Popen[bytes] | None, timeou
     raise DaemonError(f"the local daemon is not ready after {timeout:g}s (log: {state.log_file})")
 
 
+#: The daemon is on the loopback interface: no proxy from the environment may stand in between.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=2.0) as response:
+        with _DIRECT.open(f"{url}/healthz", timeout=2.0) as response:
             return bool(200 <= response.status < 300)
     except (urllib.error.URLError, OSError, ValueError):
         return False
