@@ -1,0 +1,263 @@
+"""The runner process: registers, heartbeats, lists and watches its environments, and reconciles them.
+
+``main.run_runner`` runs one ``Agent`` until a signal; the local daemon and the scale benchmark run agents
+inside their own event loop. ``Agent.run()`` does, in order:
+
+1. Gets its credential (``credentials.obtain``): the stored one, or a new one for the exchange token.
+2. Starts, side by side, until ``stop()``:
+   - the heartbeat: ``PUT /api/v1/runners/{id}/status`` every ``heartbeat_interval`` (jittered); failures
+     back off and are retried, except a refused credential, which stops the agent with ``CredentialError``;
+   - the informer for ``/api/v1/environments?runner_id=ME``, which feeds the work queue on every change and,
+     after every full list, queues everything it knows and everything the runtime holds (adoption and
+     garbage collection after a start or a reconnect);
+   - the controller: ``workers`` workers running the environment reconciler;
+   - the resync: every ``resync_interval`` (jittered) every known environment and container is queued again,
+     so drift on the host is corrected even when nothing changes on the server.
+3. On ``stop()``: the queue stops handing out work, reconciles in flight get ``stop_grace`` seconds to
+   finish, everything else is cancelled, the runtime is closed. Containers keep running.
+
+Per environment the agent keeps only the informer's cached object and the work queue's bookkeeping: no task,
+no timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+import httpx
+
+from devyard import __version__
+from devyard.client import ApiError, AsyncClient, RetryPolicy, TransportError
+from devyard.runner import credentials
+from devyard.runner.backoff import Backoff, BackoffPolicy
+from devyard.runner.clock import Clock, SystemClock
+from devyard.runner.controller import Controller
+from devyard.runner.environments import EnvironmentReconciler
+from devyard.runner.errors import CredentialError
+from devyard.runner.fake_runtime import FakeRuntime, FakeRuntimeConfig
+from devyard.runner.informer import Informer
+from devyard.runner.runtime import Runtime
+from devyard.runner.settings import RunnerSettings
+from devyard.runner.workqueue import WorkQueue
+from devyard.wire.environments import Environment
+from devyard.wire.runners import RunnerPhase, RunnerStatus, RunnerStatusWrite
+
+__all__ = ["Agent", "make_runtime"]
+
+log = logging.getLogger(__name__)
+
+
+def make_runtime(settings: RunnerSettings, clock: Clock | None = None) -> Runtime:
+    """The runtime ``settings.runtime`` names."""
+    if settings.runtime == "fake":
+        config = FakeRuntimeConfig(
+            delays=settings.fake_delays,
+            failure_rate=settings.fake_failure_rate,
+            failure_permanent=settings.fake_failure_permanent,
+        )
+        return FakeRuntime(config, clock=clock, state_file=settings.fake_state_path())
+    raise ValueError(f"unknown runtime {settings.runtime!r}")
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: RunnerSettings,
+        *,
+        runtime: Runtime | None = None,
+        clock: Clock | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        stop_grace: float = 10.0,
+    ) -> None:
+        """``runtime``, ``clock``, ``transport`` and ``retry`` replace the defaults, for tests and benchmarks."""
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.runtime = runtime or make_runtime(settings, self.clock)
+        self.queue = WorkQueue(
+            clock=self.clock, backoff=BackoffPolicy(base=settings.retry_base, cap=settings.retry_max)
+        )
+        self.runner_id: str | None = None
+        self.informer: Informer[Environment] | None = None
+        self.controller: Controller | None = None
+        #: Heartbeats the server accepted; for tests and metrics.
+        self.heartbeats = 0
+        self._transport = transport
+        self._retry = retry or RetryPolicy()
+        self._stop_grace = stop_grace
+        self._stopping = asyncio.Event()
+        self._started = asyncio.Event()
+        self._controller_task: asyncio.Task[None] | None = None
+
+    @property
+    def synced(self) -> bool:
+        """Whether the agent holds a complete, connected view of its environments."""
+        return self.informer is not None and self.informer.synced
+
+    async def wait_synced(self) -> None:
+        await self._started.wait()
+        assert self.informer is not None
+        await self.informer.wait_synced()
+
+    def stop(self) -> None:
+        """Ask ``run`` to finish; safe to call from a signal handler, and more than once."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Run until ``stop()``; raises ``CredentialError`` if the server will not have this runner."""
+        serving = asyncio.create_task(self._serve(), name="runner-agent")
+        stopping = asyncio.create_task(self._stopping.wait(), name="runner-agent-stop")
+        try:
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not serving.done():
+                await self._wind_down(serving)
+        if not serving.cancelled():
+            serving.result()  # re-raise what ended it
+
+    async def _wind_down(self, serving: asyncio.Task[None]) -> None:
+        await self.queue.shutdown()
+        controller = self._controller_task
+        if controller is not None and not controller.done():
+            _, pending = await asyncio.wait({controller}, timeout=self._stop_grace)
+            if pending:
+                log.warning("reconciles still running after %.0fs; cancelling them", self._stop_grace)
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+
+    async def _serve(self) -> None:
+        settings = self.settings
+        credential = await credentials.obtain(
+            settings.credential_path(),
+            server=settings.server,
+            exchange_token=settings.exchange_token,
+            transport=self._transport,
+            clock=self.clock,
+            backoff=self._reconnect_policy(),
+        )
+        runner_id = credential.runner_id
+        self.runner_id = runner_id
+        client = AsyncClient(settings.server, credential.token, transport=self._transport, retry=self._retry)
+        try:
+            self.informer = Informer(
+                client,
+                "/api/v1/environments",
+                Environment,
+                params={"runner_id": runner_id},
+                owns=lambda environment: environment.status.runner_id == runner_id,
+                on_change=self.queue.add,
+                on_sync=self._queue_everything,
+                clock=self.clock,
+                reconnect=self._reconnect_policy(),
+                bookmark_interval=settings.bookmark_interval,
+            )
+            reconciler = EnvironmentReconciler(
+                client=client,
+                runtime=self.runtime,
+                informer=self.informer,
+                default_image=settings.default_image,
+                clock=self.clock,
+            )
+            self.controller = Controller(reconciler, self.queue, workers=settings.workers)
+            log.info(
+                "runner %s: %s runtime, %d workers, server %s",
+                runner_id,
+                self.runtime.name,
+                settings.workers,
+                settings.server,
+            )
+            self._controller_task = asyncio.create_task(self.controller.run(), name="runner-controller")
+            loops = [
+                self._controller_task,
+                self._spawn(self._heartbeat(client, runner_id), "runner-heartbeat"),
+                self._spawn(self.informer.run(), "runner-informer"),
+                self._spawn(self._resync(), "runner-resync"),
+            ]
+            self._started.set()
+            await _until_one_fails(loops)
+        finally:
+            await asyncio.shield(self._close(client))
+
+    async def _close(self, client: AsyncClient) -> None:
+        try:
+            await self.runtime.close()
+        except Exception:
+            log.exception("closing the runtime failed")
+        await client.aclose()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        return asyncio.create_task(coroutine, name=name)
+
+    def _reconnect_policy(self) -> BackoffPolicy:
+        return BackoffPolicy(base=self.settings.reconnect_base, cap=self.settings.reconnect_max)
+
+    async def _queue_everything(self, keys: Iterable[str]) -> None:
+        """Queue ``keys`` and every container the runtime holds: those are all that may need a step."""
+        wanted = set(keys)
+        try:
+            wanted.update(container.environment_id for container in await self.runtime.list())
+        except Exception:
+            log.exception("cannot list the runtime's containers; reconciling the known environments only")
+        for key in sorted(wanted):
+            self.queue.add(key)
+
+    async def _resync(self) -> None:
+        interval = self.settings.resync_interval
+        while True:
+            await self.clock.sleep(interval * random.uniform(0.9, 1.1))
+            assert self.informer is not None
+            await self._queue_everything(self.informer.keys())
+
+    async def _heartbeat(self, client: AsyncClient, runner_id: str) -> None:
+        settings = self.settings
+        interval = settings.heartbeat_interval
+        backoff = Backoff(BackoffPolicy(base=min(0.5, interval), cap=interval))
+        body = RunnerStatusWrite(
+            status=RunnerStatus(
+                phase=RunnerPhase.ONLINE,
+                version=__version__,
+                runtime=self.runtime.name,
+                hostname=settings.hostname,
+                capacity=settings.capacity,
+            )
+        ).model_dump(mode="json")
+        while True:
+            try:
+                await client.put(f"/api/v1/runners/{runner_id}/status", body)
+            except ApiError as exc:
+                if exc.status in (401, 403, 404):
+                    raise CredentialError(f"the server no longer accepts runner {runner_id}: {exc}") from exc
+                delay = backoff.next_delay()
+                log.warning("heartbeat failed, retrying in %.1fs: %s", delay, exc)
+            except TransportError as exc:
+                delay = backoff.next_delay()
+                if backoff.failures == 1:
+                    log.warning("heartbeat failed, retrying: %s", exc)
+            else:
+                if backoff.failures:
+                    log.info("heartbeat accepted again")
+                backoff.reset()
+                self.heartbeats += 1
+                delay = interval * random.uniform(0.9, 1.1)
+            await self.clock.sleep(delay)
+
+
+async def _until_one_fails(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for the tasks, all meant to run until cancelled; re-raise the first failure; cancel them all
+    when leaving."""
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None:
+                raise failure
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,274 @@
+"""The environment reconciler: makes the runtime's container of one environment match its spec, and reports.
+
+The agent's controller calls ``reconcile(environment_id)`` from its workers, one call per id at a time. It
+reads the environment from the informer's cache (as last seen from the server) and the container from the
+runtime, takes the steps from what is to what ``spec.desired_phase`` asks, and reports each phase it enters
+with ``PUT /api/v1/environments/{id}/status``. It never asks why it was called.
+
+- running: create the container if there is none (phase ``creating``), start it if it is not running
+  (``starting``), then ``running`` with the Ready condition True and the timings of the steps it took
+  (``pull``, ``create``, ``start``; the server adds ``schedule``). A container that exited by itself is
+  started again.
+- stopped: stop a running container (``stopping``), then ``stopped``; the container and its disk stay.
+- deleted: delete the container (``deleting``), then ``deleted``; the server then removes the environment.
+- An environment that is not in the cache (deleted, or assigned elsewhere) loses its container, but only if
+  the cache is synced: while the server is unreachable nothing is removed.
+
+Every report carries ``observed_generation``: the ``metadata.generation`` the reconcile acted on. A status
+is written only when it differs from the last one seen, so a quiet environment costs no requests.
+
+Errors: a permanent one (from the runtime, or a request the server refused) makes the phase ``failed`` with
+the error as message, and the environment stays failed until its spec changes (a new generation); deletion
+is always tried again. A temporary one is noted in the status message and re-raised for the controller to
+retry with backoff.
+
+Spec changes other than ``desired_phase`` (image, env) take effect when the container is next created; a
+rebuild (delete, then create) is not this reconciler's to decide.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Final
+
+from devyard.client import ApiError, AsyncClient, TransportError
+from devyard.runner.clock import Clock, SystemClock
+from devyard.runner.controller import Result
+from devyard.runner.errors import PermanentError, TemporaryError
+from devyard.runner.informer import Informer
+from devyard.runner.runtime import ContainerSpec, ContainerStatus, Runtime
+from devyard.wire.environment_classes import EnvironmentClass
+from devyard.wire.environments import (
+    DesiredPhase,
+    Environment,
+    EnvironmentPhase,
+    EnvironmentStatus,
+    EnvironmentStatusWrite,
+)
+from devyard.wire.meta import Condition, ConditionStatus
+
+__all__ = ["READY", "EnvironmentReconciler"]
+
+log = logging.getLogger(__name__)
+
+#: The condition this reconciler owns: True while the environment runs.
+READY: Final = "Ready"
+#: The timings this reconciler measures; the rest of ``status.timings`` belongs to the server.
+_START_STEPS: Final = ("pull", "create", "start")
+_LABEL_PREFIX: Final = "devyard.io/"
+
+
+class _StatusWriteFailed(TemporaryError):
+    pass
+
+
+class EnvironmentReconciler:
+    kind = "Environment"
+
+    def __init__(
+        self,
+        *,
+        client: AsyncClient,
+        runtime: Runtime,
+        informer: Informer[Environment],
+        default_image: str,
+        clock: Clock | None = None,
+    ) -> None:
+        self._client = client
+        self._runtime = runtime
+        self._informer = informer
+        self._default_image = default_image
+        self._clock = clock or SystemClock()
+        #: Environment class id -> (cpu, memory MiB, disk GiB), or None when the runner may not read it.
+        self._classes: dict[str, tuple[float, int, int] | None] = {}
+
+    async def reconcile(self, key: str) -> Result:
+        environment = self._informer.get(key)
+        container = await self._runtime.inspect(key)
+        if environment is None:
+            return await self._collect_garbage(key, container)
+        try:
+            return await self._converge(environment, container)
+        except _StatusWriteFailed:
+            raise
+        except PermanentError as exc:
+            await self._report_quietly(key, EnvironmentPhase.FAILED, message=str(exc))
+            raise
+        except TemporaryError as exc:
+            current = self._informer.get(key)
+            if current is not None:
+                await self._report_quietly(key, current.status.phase, message=f"retrying: {exc}")
+            raise
+
+    async def _collect_garbage(self, key: str, container: ContainerStatus | None) -> Result:
+        if container is None:
+            return Result()
+        if not self._informer.synced:
+            return Result()  # unreachable server: keep it; the next list queues it again
+        log.info("removing the container of %s: the server does not assign it to this runner", key)
+        await self._runtime.delete(key)
+        return Result()
+
+    async def _converge(self, environment: Environment, container: ContainerStatus | None) -> Result:
+        key = environment.metadata.id
+        desired = environment.spec.desired_phase
+        status = environment.status
+
+        if desired is DesiredPhase.DELETED:
+            if container is not None:
+                await self._report(key, EnvironmentPhase.DELETING)
+                await self._runtime.delete(key)
+            await self._report(key, EnvironmentPhase.DELETED)
+            return Result()
+
+        failed = status.phase is EnvironmentPhase.FAILED
+        if failed and status.observed_generation == environment.metadata.generation:
+            return Result()  # failed at this generation; a spec change will try again
+
+        if desired is DesiredPhase.STOPPED:
+            if container is not None and container.running:
+                await self._report(key, EnvironmentPhase.STOPPING)
+                await self._runtime.stop(key)
+            await self._report(key, EnvironmentPhase.STOPPED)
+            return Result()
+
+        timings: dict[str, float] = {}
+        drop: tuple[str, ...] = ()
+        if container is None:
+            await self._report(key, EnvironmentPhase.CREATING)
+            spec = await self._container_spec(environment)
+            started = self._clock.now()
+            container = await self._runtime.create(spec)
+            timings.update(container.timings or {"create": self._clock.now() - started})
+            drop = _START_STEPS
+        if not container.running:
+            await self._report(key, EnvironmentPhase.STARTING)
+            started = self._clock.now()
+            await self._runtime.start(key)
+            timings["start"] = self._clock.now() - started
+            drop = drop or ("start",)
+        await self._report(key, EnvironmentPhase.RUNNING, timings=timings, drop_timings=drop)
+        return Result()
+
+    async def _container_spec(self, environment: Environment) -> ContainerSpec:
+        metadata = environment.metadata
+        spec = environment.spec
+        cpu, memory_mib, disk_gib = await self._class_limits(spec.class_id) or (None, None, None)
+        labels = {
+            f"{_LABEL_PREFIX}environment": metadata.id,
+            f"{_LABEL_PREFIX}name": metadata.name,
+            f"{_LABEL_PREFIX}organization": metadata.organization_id or "",
+        }
+        return ContainerSpec(
+            environment_id=metadata.id,
+            image=spec.image or self._default_image,
+            env=dict(spec.env),
+            cpu=cpu,
+            memory_mib=memory_mib,
+            disk_gib=disk_gib,
+            labels=labels,
+            generation=metadata.generation,
+        )
+
+    async def _class_limits(self, class_id: str | None) -> tuple[float, int, int] | None:
+        if class_id is None:
+            return None
+        if class_id not in self._classes:
+            try:
+                data = await self._client.get(f"/api/v1/environment-classes/{class_id}")
+            except TransportError as exc:
+                raise TemporaryError(f"cannot read environment class {class_id}: {exc}") from exc
+            except ApiError as exc:
+                if exc.status >= 500 or exc.status == 429:
+                    raise TemporaryError(f"cannot read environment class {class_id}: {exc}") from exc
+                log.warning("cannot read environment class %s (%s); creating without limits", class_id, exc)
+                self._classes[class_id] = None
+            else:
+                found = EnvironmentClass.model_validate(data).spec
+                self._classes[class_id] = (found.cpu, found.memory_mib, found.disk_gib)
+        return self._classes[class_id]
+
+    async def _report_quietly(self, key: str, phase: EnvironmentPhase, *, message: str) -> None:
+        """Report a failure; if even that cannot be written, the log has it and a retry will report it."""
+        try:
+            await self._report(key, phase, message=message)
+        except (TemporaryError, PermanentError) as exc:
+            log.debug("cannot report %s of %s: %s", phase, key, exc)
+
+    async def _report(
+        self,
+        key: str,
+        phase: EnvironmentPhase,
+        *,
+        message: str = "",
+        timings: dict[str, float] | None = None,
+        drop_timings: tuple[str, ...] = (),
+    ) -> None:
+        """Write the status for ``phase`` unless the server already has it."""
+        environment = self._informer.get(key)
+        if environment is None:
+            return  # gone meanwhile; the next reconcile removes what is left
+        current = environment.status
+        wanted = _next_status(environment, phase, message, timings or {}, drop_timings)
+        if wanted == current:
+            return
+        body = EnvironmentStatusWrite(status=wanted).model_dump(mode="json", exclude_none=False)
+        try:
+            answer = await self._client.put(f"/api/v1/environments/{key}/status", body)
+        except TransportError as exc:
+            raise _StatusWriteFailed(f"cannot report {phase}: {exc}") from exc
+        except ApiError as exc:
+            if exc.status in (403, 404):
+                # Deleted, or assigned elsewhere: forget it until the server says otherwise.
+                if phase is not EnvironmentPhase.DELETED:
+                    log.info("%s is gone from this runner (%s)", key, exc.code)
+                self._informer.discard(key)
+                return
+            if exc.status >= 500 or exc.status in (408, 429):
+                raise _StatusWriteFailed(f"cannot report {phase}: {exc}") from exc
+            raise PermanentError(f"the server refused the status {phase}: {exc}") from exc
+        try:
+            self._informer.update(Environment.model_validate(answer))
+        except ValueError:
+            self._informer.update(environment.model_copy(update={"status": wanted}))
+
+
+def _next_status(
+    environment: Environment,
+    phase: EnvironmentPhase,
+    message: str,
+    timings: dict[str, float],
+    drop_timings: tuple[str, ...],
+) -> EnvironmentStatus:
+    current = environment.status
+    generation = environment.metadata.generation
+    ready = phase is EnvironmentPhase.RUNNING
+    condition = Condition(
+        type=READY,
+        status=ConditionStatus.TRUE if ready else ConditionStatus.FALSE,
+        reason=phase.value.capitalize(),
+        message=message,
+        observed_generation=generation,
+    )
+    previous = next((c for c in current.conditions if c.type == READY), None)
+    if previous is not None and previous.status == condition.status:
+        condition = condition.model_copy(update={"last_transition_time": previous.last_transition_time})
+    else:
+        condition = condition.model_copy(update={"last_transition_time": datetime.now(UTC)})
+    # Replace in place: reordering the server's list would look like a change, and write again and again.
+    if previous is None:
+        conditions = [*current.conditions, condition]
+    else:
+        conditions = [condition if c.type == READY else c for c in current.conditions]
+    merged = {k: v for k, v in current.timings.items() if k not in drop_timings}
+    merged.update({k: round(v, 3) for k, v in timings.items()})
+    return current.model_copy(
+        update={
+            "phase": phase,
+            "observed_generation": generation,
+            "conditions": conditions,
+            "timings": merged,
+            "message": message,
+        }
+    )

@@ -1,0 +1,295 @@
+"""``FakeRuntime``: an in-memory runtime for tests, ``devyard up`` without containers, and the scale benchmark.
+
+Selected with ``devyard runner --runtime fake``. It runs nothing: it keeps a record per container and moves
+it between created, running and stopped as the ``Runtime`` protocol says, taking a configurable time per
+operation (through the clock it is given) and failing when told to:
+
+- ``fail_next(operation, times, permanent=...)`` fails the next calls of an operation;
+- ``FakeRuntimeConfig.failure_rate`` fails any of ``failing_operations`` with that probability.
+
+``exec`` is canned: it runs nothing and answers exit code 0 with the command line, shell-quoted, followed by a
+newline, as its stdout (like ``echo``). Tests and demos may rely on exactly that.
+
+With a ``state_file``, every change is written to that JSON file (atomically) and read back on start, so a
+restarted runner finds, and adopts, the containers of the previous process, as it would on a real host.
+Containers recorded as running stay running across that restart, as runc containers outlive their runner.
+The file is rewritten whole on each change: fine for a desktop's handful of environments; the benchmark
+runs without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shlex
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from devyard.runner.clock import Clock, SystemClock
+from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError, TemporaryError
+from devyard.runner.runtime import ContainerSpec, ContainerState, ContainerStatus, ExecResult
+
+__all__ = ["OPERATIONS", "FakeRuntime", "FakeRuntimeConfig"]
+
+#: The operations that take time and can fail; ``pull`` happens inside ``create``, once per image.
+OPERATIONS: Final = ("pull", "create", "start", "stop", "delete", "exec", "inspect", "list")
+_FORMAT_VERSION: Final = 1
+
+
+@dataclass(frozen=True)
+class FakeRuntimeConfig:
+    #: Seconds each operation takes, by name (see ``OPERATIONS``); absent ones take no time.
+    delays: Mapping[str, float] = field(default_factory=dict)
+    #: The probability that a call of one of ``failing_operations`` fails.
+    failure_rate: float = 0.0
+    #: Whether those random failures are permanent (else temporary).
+    failure_permanent: bool = False
+    failing_operations: frozenset[str] = frozenset({"pull", "create", "start", "stop", "delete"})
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = (set(self.delays) | set(self.failing_operations)) - set(OPERATIONS)
+        if unknown:
+            raise ValueError(f"unknown fake runtime operations: {sorted(unknown)}")
+        if not 0 <= self.failure_rate <= 1:
+            raise ValueError("failure_rate must be between 0 and 1")
+        if any(delay < 0 for delay in self.delays.values()):
+            raise ValueError("delays must not be negative")
+
+
+@dataclass
+class _Injected:
+    remaining: int
+    permanent: bool
+    message: str
+
+
+class FakeRuntime:
+    name = "fake"
+
+    def __init__(
+        self,
+        config: FakeRuntimeConfig | None = None,
+        *,
+        clock: Clock | None = None,
+        state_file: Path | None = None,
+    ) -> None:
+        self.config = config or FakeRuntimeConfig()
+        self._clock = clock or SystemClock()
+        self._state_file = state_file
+        self._rng = random.Random(self.config.seed)
+        self._delays = dict(self.config.delays)
+        self._injected: dict[str, list[_Injected]] = {}
+        self._containers: dict[str, ContainerStatus] = {}
+        self._images: set[str] = set()
+        #: How many times each operation was called; for benchmarks, not for assertions on call order.
+        self.calls: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
+        if state_file is not None and state_file.exists():
+            self._load(state_file)
+
+    # Knobs for tests and demos.
+
+    def fail_next(self, operation: str, times: int = 1, *, permanent: bool = False, message: str | None = None) -> None:
+        """Make the next ``times`` calls of ``operation`` fail."""
+        if operation not in OPERATIONS:
+            raise ValueError(f"unknown operation {operation!r}")
+        if times < 1:
+            raise ValueError("times must be at least 1")
+        text = message or f"injected {'permanent' if permanent else 'temporary'} failure of {operation}"
+        self._injected.setdefault(operation, []).append(_Injected(times, permanent, text))
+
+    def set_delay(self, operation: str, seconds: float) -> None:
+        if operation not in OPERATIONS:
+            raise ValueError(f"unknown operation {operation!r}")
+        self._delays[operation] = seconds
+
+    def simulate_exit(self, environment_id: str, exit_code: int = 137) -> None:
+        """The container's process exits by itself (a crash, an OOM kill), as seen from outside."""
+        current = self._get(environment_id)
+        if current.state is ContainerState.RUNNING:
+            self._put(
+                dataclasses.replace(current, state=ContainerState.STOPPED, finished_at=_now(), exit_code=exit_code)
+            )
+
+    # The Runtime protocol.
+
+    async def create(self, spec: ContainerSpec) -> ContainerStatus:
+        existing = self._containers.get(spec.environment_id)
+        if existing is not None:
+            return existing
+        timings: dict[str, float] = {}
+        if spec.image not in self._images:
+            timings["pull"] = await self._operation("pull")
+            self._images.add(spec.image)
+        timings["create"] = await self._operation("create")
+        existing = self._containers.get(spec.environment_id)
+        if existing is not None:  # made while we waited
+            return existing
+        status = ContainerStatus(
+            environment_id=spec.environment_id,
+            state=ContainerState.CREATED,
+            spec=spec,
+            created_at=_now(),
+            timings=timings,
+        )
+        self._put(status)
+        return status
+
+    async def start(self, environment_id: str) -> ContainerStatus:
+        await self._operation("start")
+        current = self._get(environment_id)
+        if current.state is ContainerState.RUNNING:
+            return current
+        return self._put(
+            dataclasses.replace(
+                current, state=ContainerState.RUNNING, started_at=_now(), finished_at=None, exit_code=None
+            )
+        )
+
+    async def stop(self, environment_id: str, *, timeout: float = 10.0) -> ContainerStatus:
+        await self._operation("stop")
+        current = self._get(environment_id)
+        if current.state is not ContainerState.RUNNING:
+            return current
+        return self._put(dataclasses.replace(current, state=ContainerState.STOPPED, finished_at=_now(), exit_code=0))
+
+    async def delete(self, environment_id: str) -> None:
+        await self._operation("delete")
+        if self._containers.pop(environment_id, None) is not None:
+            self._save()
+
+    async def exec(
+        self,
+        environment_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        await self._operation("exec")
+        current = self._get(environment_id)
+        if current.state is not ContainerState.RUNNING:
+            raise ContainerNotRunning(f"container of {environment_id} is {current.state}, not running")
+        return ExecResult(exit_code=0, stdout=(shlex.join(argv) + "\n").encode())
+
+    async def inspect(self, environment_id: str) -> ContainerStatus | None:
+        await self._operation("inspect")
+        return self._containers.get(environment_id)
+
+    async def list(self) -> list[ContainerStatus]:
+        await self._operation("list")
+        return list(self._containers.values())
+
+    async def close(self) -> None:
+        self._save()
+
+    # Inside.
+
+    async def _operation(self, name: str) -> float:
+        """Take the operation's time, then fail if told to; return the seconds taken."""
+        self.calls[name] += 1
+        started = self._clock.now()
+        delay = self._delays.get(name, 0.0)
+        if delay > 0:
+            await self._clock.sleep(delay)
+        self._maybe_fail(name)
+        return self._clock.now() - started
+
+    def _maybe_fail(self, name: str) -> None:
+        queue = self._injected.get(name)
+        if queue:
+            injected = queue[0]
+            injected.remaining -= 1
+            if injected.remaining <= 0:
+                queue.pop(0)
+            raise (PermanentError if injected.permanent else TemporaryError)(injected.message)
+        rate = self.config.failure_rate
+        if rate > 0 and name in self.config.failing_operations and self._rng.random() < rate:
+            kind = "permanent" if self.config.failure_permanent else "temporary"
+            message = f"random {kind} failure of {name}"
+            raise (PermanentError if self.config.failure_permanent else TemporaryError)(message)
+
+    def _get(self, environment_id: str) -> ContainerStatus:
+        try:
+            return self._containers[environment_id]
+        except KeyError:
+            raise ContainerNotFound(f"no container for {environment_id}") from None
+
+    def _put(self, status: ContainerStatus) -> ContainerStatus:
+        self._containers[status.environment_id] = status
+        self._save()
+        return status
+
+    def _save(self) -> None:
+        if self._state_file is None:
+            return
+        document = {
+            "version": _FORMAT_VERSION,
+            "images": sorted(self._images),
+            "containers": [_encode(status) for status in self._containers.values()],
+        }
+        directory = self._state_file.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".fake-runtime-", suffix=".json")
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                json.dump(document, file)
+            os.replace(temporary, self._state_file)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+
+    def _load(self, path: Path) -> None:
+        try:
+            document = json.loads(path.read_text())
+            if document.get("version") != _FORMAT_VERSION:
+                raise ValueError(f"unknown format version {document.get('version')!r}")
+            self._images = set(document["images"])
+            for item in document["containers"]:
+                status = _decode(item)
+                self._containers[status.environment_id] = status
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PermanentError(f"cannot read the fake runtime's state from {path}: {exc}") from exc
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _encode(status: ContainerStatus) -> dict[str, Any]:
+    spec = dataclasses.asdict(status.spec)
+    return {
+        "environment_id": status.environment_id,
+        "state": status.state.value,
+        "spec": {**spec, "env": dict(status.spec.env), "labels": dict(status.spec.labels)},
+        "created_at": status.created_at.isoformat(),
+        "started_at": status.started_at.isoformat() if status.started_at else None,
+        "finished_at": status.finished_at.isoformat() if status.finished_at else None,
+        "exit_code": status.exit_code,
+        "timings": dict(status.timings),
+    }
+
+
+def _decode(item: dict[str, Any]) -> ContainerStatus:
+    def timestamp(value: str | None) -> datetime | None:
+        return datetime.fromisoformat(value) if value else None
+
+    created_at = timestamp(item["created_at"])
+    if created_at is None:
+        raise ValueError("a container without created_at")
+    return ContainerStatus(
+        environment_id=item["environment_id"],
+        state=ContainerState(item["state"]),
+        spec=ContainerSpec(**item["spec"]),
+        created_at=created_at,
+        started_at=timestamp(item["started_at"]),
+        finished_at=timestamp(item["finished_at"]),
+        exit_code=item["exit_code"],
+        timings=dict(item["timings"]),
+    )

@@ -1,0 +1,119 @@
+"""The runtime interface: what a runner needs from whatever runs its environments' containers.
+
+The environment reconciler calls it; ``fake_runtime.FakeRuntime`` implements it in memory, and the linux
+(runc) and docker runtimes will implement it later. One container per environment, named by the
+environment's id.
+
+Contract for implementations:
+- Every operation is idempotent where that makes sense: ``create`` of an existing container returns it as it
+  is, ``start`` of a running one and ``stop`` of a stopped one do nothing, ``delete`` of a missing one does
+  nothing. The reconciler relies on this to repeat a step after a crash.
+- ``stop`` keeps the container's disk (its upper layer and workspace); only ``delete`` removes it.
+- Failures are ``errors.TemporaryError`` (may pass by itself) or ``errors.PermanentError`` (will not); a
+  missing container is ``errors.ContainerNotFound``.
+- Containers outlive the runner process: after a restart, ``list`` shows what the previous process left, and
+  the runner adopts it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+__all__ = ["ContainerSpec", "ContainerState", "ContainerStatus", "ExecResult", "Runtime"]
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What to run for one environment."""
+
+    environment_id: str
+    image: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    #: CPUs (fractions allowed); None: no limit.
+    cpu: float | None = None
+    memory_mib: int | None = None
+    disk_gib: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    #: The environment's ``metadata.generation`` this container was made for.
+    generation: int = 0
+
+
+class ContainerState(enum.StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    #: It ran and exited, or was stopped; its disk is kept.
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    """What the runtime observes of one container; a container that does not exist has no status."""
+
+    environment_id: str
+    state: ContainerState
+    spec: ContainerSpec
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    #: Seconds the runtime spent making this container, by step (such as ``pull``, ``create``).
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.state is ContainerState.RUNNING
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+class Runtime(Protocol):
+    """Runs the containers of one runner's environments."""
+
+    #: Reported in the runner's status: ``fake``, ``linux``, ``docker``.
+    name: str
+
+    async def create(self, spec: ContainerSpec) -> ContainerStatus:
+        """Make the container (pulling its image as needed), not started; return it if it exists."""
+        ...
+
+    async def start(self, environment_id: str) -> ContainerStatus: ...
+
+    async def stop(self, environment_id: str, *, timeout: float = 10.0) -> ContainerStatus:
+        """Stop the container, killing it after ``timeout`` seconds; its disk is kept."""
+        ...
+
+    async def delete(self, environment_id: str) -> None:
+        """Remove the container and its disk, stopping it first if it runs; nothing if it does not exist."""
+        ...
+
+    async def exec(
+        self,
+        environment_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` inside the running container and wait for it."""
+        ...
+
+    async def inspect(self, environment_id: str) -> ContainerStatus | None:
+        """The container's status, or None if there is none."""
+        ...
+
+    async def list(self) -> list[ContainerStatus]:
+        """Every container this runtime holds, including those a previous runner process made."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the runtime holds open; containers keep running."""
+        ...

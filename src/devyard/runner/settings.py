@@ -1,0 +1,81 @@
+"""The runner's settings, from ``devyard runner``'s options or ``DEVYARD_RUNNER_*`` environment variables.
+
+Read by ``main.run_runner`` and the ``Agent``; the local daemon builds one for its embedded runner.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from devyard.runner.fake_runtime import OPERATIONS
+
+__all__ = ["RunnerSettings"]
+
+
+class RunnerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEVYARD_RUNNER_", extra="forbid")
+
+    #: The management plane's URL.
+    server: str = "http://127.0.0.1:7480"
+    #: The one-time exchange token from ``devyard runner create``; needed only until the runner has a
+    #: credential in its state directory.
+    exchange_token: str | None = None
+    state_dir: Path = Path("/var/lib/devyard/runner")
+    runtime: Literal["fake"] = "fake"
+    #: Reconciles that may run at once.
+    workers: int = Field(default=8, ge=1, le=1000)
+    #: How many environments this runner offers to hold (the scheduler assigns no more).
+    capacity: int = Field(default=100, ge=0)
+    #: The host name reported to the server; default: this machine's.
+    hostname: str = Field(default_factory=socket.gethostname)
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    #: Every environment is reconciled at least this often, so drift on the host gets corrected.
+    resync_interval: float = Field(default=60.0, gt=0)
+    #: The server sends a BOOKMARK this often on a quiet watch; a watch silent for three times as long is
+    #: taken as broken and reopened.
+    bookmark_interval: float = Field(default=10.0, gt=0)
+    #: Backoff of a failing reconcile, per environment: ``base * 2**n`` seconds, at most ``max``.
+    retry_base: float = Field(default=0.5, gt=0)
+    retry_max: float = Field(default=60.0, gt=0)
+    #: Backoff of reconnecting to a server that went away.
+    reconnect_base: float = Field(default=0.5, gt=0)
+    reconnect_max: float = Field(default=30.0, gt=0)
+    #: The image of environments whose spec names none.
+    default_image: str = "mcr.microsoft.com/devcontainers/base:ubuntu"
+    log_level: str = "INFO"
+
+    #: The fake runtime: seconds per operation (``pull``, ``create``, ``start``, ``stop``, ``delete``,
+    #: ``exec``, ``inspect``, ``list``).
+    fake_delays: dict[str, float] = Field(default_factory=dict)
+    #: The fake runtime fails create/start/stop/delete (and pulls) with this probability.
+    fake_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    fake_failure_permanent: bool = False
+    #: Keep the fake runtime's containers in ``<state_dir>/fake-runtime.json`` across restarts.
+    fake_persist: bool = True
+
+    def credential_path(self) -> Path:
+        return self.state_dir / "credential.json"
+
+    def fake_state_path(self) -> Path | None:
+        return self.state_dir / "fake-runtime.json" if self.fake_persist else None
+
+    @field_validator("fake_delays")
+    @classmethod
+    def _known_operations(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = set(value) - set(OPERATIONS)
+        if unknown:
+            raise ValueError(f"unknown fake runtime operations: {sorted(unknown)}")
+        if any(delay < 0 for delay in value.values()):
+            raise ValueError("delays must not be negative")
+        return value
+
+    @model_validator(mode="after")
+    def _caps_above_bases(self) -> RunnerSettings:
+        if self.retry_max < self.retry_base or self.reconnect_max < self.reconnect_base:
+            raise ValueError("a backoff's max must not be less than its base")
+        return self
