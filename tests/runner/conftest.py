@@ -72,5 +72,6 @@ async def running(agent: Agent) -> AsyncIterator[asyncio.Task[None]]:
 
 
 @pytest.fixture
-def server() -> FakeServer:
+def fake_server() -> FakeServer:
+    """A fake management plane; distinct from ``server`` (the real one, in ``tests/conftest.py``)."""
     return FakeServer()

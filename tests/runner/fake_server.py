@@ -134,6 +134,7 @@ class FakeServer:
     def forget_history(self) -> None:
         """Drop the change history, so that every watch from an older version gets 410 Gone."""
         self._changes.clear()
+        self.version += 1  # as if changes were made and compacted away before any watcher saw them
         self._oldest = self.version
         self._notify()
 

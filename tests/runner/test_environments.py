@@ -64,7 +64,8 @@ class World:
 
 
 @pytest.fixture
-async def world(server: FakeServer, tmp_path: Path) -> AsyncIterator[World]:
+async def world(fake_server: FakeServer, tmp_path: Path) -> AsyncIterator[World]:
+    server = fake_server
     runner_id, token = server.create_runner()
     transport = server.transport()
     credential = await credentials.obtain(
