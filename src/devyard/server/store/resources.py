@@ -336,12 +336,30 @@ class Tx:
         organization_id: str | None = None,
     ) -> None:
         kind = target_kind or (row.kind if row is not None else "")
+        organizations: list[str | None] = [
+            organization_id
+            or (row.organization_id if row is not None else None)
+            or (row.id if row is not None and row.kind == "Organization" else None)
+        ]
+        if organizations == [None] and row is not None and row.kind == "User":
+            # A user belongs to no organization: the event goes in the log of each of theirs, for its admins.
+            organizations = list(row.status.get("organization_ids") or [None])
+        for organization in organizations:
+            self._audit_in(organization, kind, action, row, details, target_id)
+
+    def _audit_in(
+        self,
+        organization_id: str | None,
+        kind: str,
+        action: str,
+        row: ResourceRow | None,
+        details: dict[str, Any] | None,
+        target_id: str | None,
+    ) -> None:
         self._audit.append(
             {
                 "id": ids.new_id("AuditEvent"),
-                "organization_id": organization_id
-                or (row.organization_id if row is not None else None)
-                or (row.id if row is not None and row.kind == "Organization" else None),
+                "organization_id": organization_id,
                 "created_at": utcnow(),
                 "actor_type": self.actor.type,
                 "actor_id": self.actor.id,
