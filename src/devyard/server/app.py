@@ -10,13 +10,16 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import devyard
 from devyard.server import bootstrap, loops
@@ -65,19 +68,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                too_large = int(length) > settings.max_body_bytes
-            except ValueError:
-                return error_response(400, "bad_request", "Content-Length is not a number")
-            if too_large:
-                return error_response(
-                    413, "payload_too_large", f"the body is larger than {settings.max_body_bytes} bytes"
-                )
-        return await call_next(request)
+    app.add_middleware(_RequestGuard, max_body_bytes=settings.max_body_bytes)
 
     for module in (organizations, tokens, runners, catalog, environments, secrets, ssh_keys, audit):
         app.include_router(module.router)
@@ -95,6 +86,89 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return JSONResponse({"status": "ready"})
 
     return app
+
+
+#: A JSON string escape for NUL: ``\\u0000`` not itself escaped (preceded by an even number of backslashes).
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+class _RequestGuard:
+    """Refuses, before any route runs, what no route could answer well: a body over ``max_body_bytes`` (413,
+    counted as it streams in, so a body without Content-Length is held to it too), a body that is not JSON
+    (415), and NUL characters in the path, query or body (400: PostgreSQL cannot store them in text, and
+    no id, name or label holds one). The body is read here, at most ``max_body_bytes`` of it, and handed on.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._check_head(scope)
+        body = b""
+        if refusal is None:
+            body, refusal = await self._read_body(scope, receive)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        handed_on = False
+
+        async def replay() -> Message:
+            nonlocal handed_on
+            if not handed_on:
+                handed_on = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _check_head(self, scope: Scope) -> Response | None:
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            return error_response(400, "bad_request", "the path or query holds a NUL character (%00)")
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            try:
+                too_large = int(length) > self.max_body_bytes
+            except ValueError:
+                return error_response(400, "bad_request", "Content-Length is not a number")
+            if too_large:
+                return self._too_large()
+        return None
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, Response | None]:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return b"", self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if not body:
+            return body, None
+        media_type = Headers(scope=scope).get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not (
+            media_type.startswith("application/") and media_type.endswith("+json")
+        ):
+            shown = media_type or "none"
+            return body, error_response(
+                415, "unsupported_media_type", f"the body must be JSON (Content-Type: application/json), not {shown}"
+            )
+        if _NUL_ESCAPE.search(body):
+            return body, error_response(400, "bad_request", "the body holds a NUL character (\\u0000) in a string")
+        return body, None
+
+    def _too_large(self) -> Response:
+        return error_response(413, "payload_too_large", f"the body is larger than {self.max_body_bytes} bytes")
 
 
 def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
