@@ -105,7 +105,9 @@ async def create_project(tx: resources.Tx, principal: Principal, body: ProjectCr
     policy.check_create(principal, "Project", org_id)
     await _check_class(tx.session, org_id, body.spec.class_id)
     await _check_class(tx.session, org_id, body.spec.prebuild.class_id)
-    name = body.metadata.name or body.spec.repository.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git").lower()
+    name = body.metadata.name or resources.name_from(
+        body.spec.repository.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
+    )
     row = resources.new_row(
         "Project",
         name=name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -99,6 +100,26 @@ def parse_resource_version(value: str | None) -> int | None:
     if version < 0:
         raise Invalid(f"resource_version {value!r} is not one this server issued")
     return version
+
+
+def name_from(text: str) -> str | None:
+    """A name (``NAME_PATTERN``: lower-case letters, digits and ``-``, at most 63) made from free text, such as
+    a repository's last path segment; None when nothing of it is left (``new_row`` then names by id)."""
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63].rstrip("-")
+    return name or None
+
+
+#: The widths of the label columns (``LabelRow``).
+LABEL_KEY_MAX, LABEL_VALUE_MAX = 100, 255
+
+
+def check_labels(labels: dict[str, str]) -> None:
+    for key, value in labels.items():
+        if not 0 < len(key) <= LABEL_KEY_MAX or len(value) > LABEL_VALUE_MAX:
+            raise Invalid(
+                f"label {key[:40]!r}: a label's key has 1 to {LABEL_KEY_MAX} characters, its value at most "
+                f"{LABEL_VALUE_MAX}"
+            )
 
 
 def new_row(
@@ -300,6 +321,7 @@ class Tx:
         self._later.append(obj)
 
     def create(self, row: ResourceRow, *, action: str | None = "create", details: dict[str, Any] | None = None) -> None:
+        check_labels(row.labels)
         self._writes.append(_Write(row, "ADDED", bool(row.labels)))
         if action:
             self.audit(action, row, details)
@@ -314,6 +336,8 @@ class Tx:
         labels_changed: bool = False,
     ) -> None:
         """Record a change to a row read in this session (its fields already set)."""
+        if labels_changed:
+            check_labels(row.labels)
         if spec_changed:
             row.generation += 1
         self._writes.append(_Write(row, "MODIFIED", labels_changed))
@@ -528,4 +552,14 @@ async def count(session: AsyncSession, kind: str, query: Query) -> int:
     return int((await session.execute(statement)).scalar_one())
 
 
-__all__ += ["SYSTEM", "check_version", "count", "merge_metadata", "merge_spec"]
+__all__ += [
+    "LABEL_KEY_MAX",
+    "LABEL_VALUE_MAX",
+    "SYSTEM",
+    "check_labels",
+    "check_version",
+    "count",
+    "merge_metadata",
+    "merge_spec",
+    "name_from",
+]

@@ -34,7 +34,7 @@ async def create(tx: resources.Tx, principal: Principal, body: SecretCreate, box
         project = await resources.get(tx.session, "Project", spec.project_id)
         if project is None or project.organization_id != org_id:
             raise Invalid(f"project {spec.project_id} does not exist in this organization")
-    name = body.metadata.name or spec.target.strip("/").replace("/", "-").replace("_", "-").lower()[:60]
+    name = body.metadata.name or resources.name_from(spec.target)
     row = resources.new_row(
         "Secret",
         name=name,

@@ -66,7 +66,7 @@ async def create(tx: resources.Tx, principal: Principal, body: SSHKeyCreate) -> 
         raise Conflict(f"you registered this key already ({existing})")
     row = resources.new_row(
         KIND,
-        name=body.metadata.name or fingerprint[7:19].lower().replace("/", "-").replace("+", "-"),
+        name=body.metadata.name or resources.name_from(fingerprint[7:19]),
         organization_id=org_id,
         creator_id=principal.id,
         spec={"public_key": normalized},
