@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from sqlalchemy import update
 
 from devyard.server import auth, policy
@@ -29,7 +31,11 @@ async def create(tx: resources.Tx, principal: Principal, body: TokenCreate) -> t
     if body.spec.expires_at is not None:
         if body.spec.expires_at.tzinfo is None:
             raise Invalid("expires_at needs a time zone (e.g. 2030-01-01T00:00:00Z)")
-        if body.spec.expires_at <= resources.utcnow():
+        try:
+            expires_at = body.spec.expires_at.astimezone(UTC)
+        except OverflowError:
+            raise Invalid("expires_at is out of range once in UTC") from None
+        if expires_at <= resources.utcnow():
             raise Invalid("expires_at is in the past")
     secret = auth.new_secret("user")
     spec = body.spec.model_dump(mode="json")
