@@ -7,9 +7,12 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-__all__ = ["CpuMeter", "process_seconds", "tree_seconds"]
+__all__ = ["OTHERS", "CpuMeter", "machine_busy_seconds", "process_seconds", "tree_seconds"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+_MACHINE = "machine"
+#: The name under which ``CpuMeter.since`` reports the CPU that processes outside the benchmark used.
+OTHERS = "other processes"
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -41,20 +44,31 @@ def tree_seconds(pid: int) -> float:
     return total / _TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine have used since boot (``/proc/stat``: all but idle and iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
 def _own_seconds() -> float:
     times = os.times()
     return times.user + times.system
 
 
 class CpuMeter:
-    """Readings of named processes; ``since(earlier)`` gives the seconds each used in between."""
+    """Readings of named processes; ``since(earlier)`` gives the seconds each used in between, and under
+    ``OTHERS`` what the rest of the machine used meanwhile (another test run, say), which skews the figures."""
 
     def __init__(self, sources: Mapping[str, Callable[[], float]]) -> None:
-        self.sources = {**sources, "load generator": _own_seconds}
+        self.sources = {**sources, "load generator": _own_seconds, _MACHINE: machine_busy_seconds}
 
     def read(self) -> dict[str, float]:
         return {name: source() for name, source in self.sources.items()}
 
     def since(self, earlier: Mapping[str, float]) -> dict[str, float]:
         now = self.read()
-        return {name: max(now[name] - earlier.get(name, 0.0), 0.0) for name in now}
+        used = {name: max(now[name] - earlier.get(name, 0.0), 0.0) for name in now}
+        machine = used.pop(_MACHINE)
+        used[OTHERS] = max(machine - sum(used.values()), 0.0)
+        return used

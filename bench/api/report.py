@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.api.cpu import OTHERS
 from bench.api.load import FIXED_RATE_CONNECTIONS, LIST_PAGE_SIZE, OPERATIONS, CreateResult, RateResult
 
 __all__ = ["DatabaseRun", "percentile", "render"]
@@ -65,10 +66,14 @@ def _pair(values: Sequence[float]) -> str:
 
 
 def _cpu_line(phase: str, wall: float, used: Mapping[str, float], cores: int) -> str:
-    parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in used.items() if seconds > 0 or name != "postgres")
+    parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in used.items())
     total = sum(used.values())
     share = total / (wall * cores) if wall > 0 else 0.0
-    return f"  CPU s during {phase} ({wall:.1f} s wall): {parts}; {share:.0%} of {cores} cores busy"
+    line = f"  CPU s during {phase} ({wall:.1f} s wall): {parts}; {share:.0%} of {cores} cores busy"
+    others = used.get(OTHERS, 0.0)
+    if wall > 0 and others > 0.1 * wall:
+        line += f"\n  NOTE: processes outside the benchmark used {others / wall:.0%} of a core: the figures are skewed"
+    return line
 
 
 def render(run: DatabaseRun, cores: int) -> str:
