@@ -65,6 +65,15 @@ async def test_a_refused_exchange_token_stops_the_agent(fake_server: FakeServer,
     assert not (tmp_path / "credential.json").exists()
 
 
+async def test_wait_synced_fails_when_the_agent_cannot_start(fake_server: FakeServer, tmp_path: Path) -> None:
+    agent = make_agent(fake_server, tmp_path, "ex_not-a-token")
+    task = asyncio.create_task(agent.run())
+    with pytest.raises(RuntimeError, match="stopped before"):
+        await asyncio.wait_for(agent.wait_synced(), timeout=5)
+    with pytest.raises(CredentialError):
+        await task
+
+
 async def test_no_token_and_no_credential_is_an_error(fake_server: FakeServer, tmp_path: Path) -> None:
     with pytest.raises(CredentialError):
         await asyncio.wait_for(make_agent(fake_server, tmp_path).run(), timeout=5)

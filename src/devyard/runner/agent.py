@@ -92,6 +92,8 @@ class Agent:
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()
         self._controller_task: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
+        self._failure: BaseException | None = None
 
     @property
     def synced(self) -> bool:
@@ -99,6 +101,18 @@ class Agent:
         return self.informer is not None and self.informer.synced
 
     async def wait_synced(self) -> None:
+        """Wait until the agent has listed its environments; raises ``RuntimeError`` if ``run`` ends first."""
+        synced = asyncio.ensure_future(self._wait_synced())
+        finished = asyncio.ensure_future(self._finished.wait())
+        try:
+            await asyncio.wait({synced, finished}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            synced.cancel()
+            finished.cancel()
+        if not synced.done() or synced.cancelled():
+            raise RuntimeError("the agent stopped before it listed its environments") from self._failure
+
+    async def _wait_synced(self) -> None:
         await self._started.wait()
         assert self.informer is not None
         await self.informer.wait_synced()
@@ -117,8 +131,11 @@ class Agent:
             stopping.cancel()
             if not serving.done():
                 await self._wind_down(serving)
-        if not serving.cancelled():
-            serving.result()  # re-raise what ended it
+            if not serving.cancelled():
+                self._failure = serving.exception()
+            self._finished.set()
+        if self._failure is not None:
+            raise self._failure
 
     async def _wind_down(self, serving: asyncio.Task[None]) -> None:
         await self.queue.shutdown()
