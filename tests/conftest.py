@@ -21,45 +21,29 @@ import pytest
 
 from devyard.client import Client
 from devyard.server.settings import ServerSettings
-from support import live_server, postgres
-
-DATABASE_KINDS = ("sqlite", "postgresql")
+from support import databases, live_server, postgres
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--databases",
-        default=os.environ.get("DEVYARD_TEST_DATABASES", ",".join(DATABASE_KINDS)),
+        default=os.environ.get("DEVYARD_TEST_DATABASES", ",".join(databases.KINDS)),
         help="Comma-separated database kinds that database tests run on (default: $DEVYARD_TEST_DATABASES "
         "or sqlite,postgresql).",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    _selected_databases(config)  # a typo fails the run now, not as a missing parameter later
+    databases.selected(config)  # a typo fails the run now, not as a missing parameter later
     # A developer's shell may point the CLI and settings at a real server; tests must never use it.
     for name in list(os.environ):
         if name in ("DEVYARD_SERVER", "DEVYARD_TOKEN") or name.startswith("DEVYARD_SERVER_"):
             del os.environ[name]
 
 
-def _selected_databases(config: pytest.Config) -> list[str]:
-    kinds = [kind.strip() for kind in str(config.getoption("databases")).split(",") if kind.strip()]
-    unknown = sorted(set(kinds) - set(DATABASE_KINDS))
-    if unknown or not kinds:
-        raise pytest.UsageError(
-            f"--databases / DEVYARD_TEST_DATABASES: expected some of {', '.join(DATABASE_KINDS)}, got {kinds}"
-        )
-    return [kind for kind in DATABASE_KINDS if kind in kinds]
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "database_kind" in metafunc.fixturenames:
-        marks = {"postgresql": [pytest.mark.postgres]}
-        metafunc.parametrize(
-            "database_kind",
-            [pytest.param(kind, id=kind, marks=marks.get(kind, [])) for kind in _selected_databases(metafunc.config)],
-        )
+        metafunc.parametrize("database_kind", databases.params(metafunc.config))
 
 
 @pytest.fixture(scope="session")
@@ -77,11 +61,7 @@ def postgres_server() -> Iterator[postgres.PostgresServer]:
 @pytest.fixture
 def database_url(database_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh empty database, as a URL for ``ServerSettings.database``; one test per kind."""
-    if database_kind == "sqlite":
-        yield f"sqlite:///{tmp_path / 'devyard.db'}"
-        return
-    server: postgres.PostgresServer = request.getfixturevalue("postgres_server")
-    with server.database() as url:
+    with databases.fresh_database(database_kind, request, tmp_path) as url:
         yield url
 
 

@@ -35,11 +35,10 @@ class RegisteredRunner:
 def register_runner(admin: Client, name: str, **spec: Any) -> RegisteredRunner:
     """Create a runner as the admin and trade its exchange token for a credential."""
     created = admin.post("/api/v1/runners", {"metadata": {"name": name}, "spec": spec})
-    exchanged = Client(admin.server).post(
-        "/api/v1/runners/exchange", {"exchange_token": created["exchange_token"]}
+    exchanged = Client(admin.server).post("/api/v1/runners/exchange", {"exchange_token": created["exchange_token"]})
+    return RegisteredRunner(
+        created["runner"]["metadata"]["id"], name, exchanged["token"], Client(admin.server, exchanged["token"])
     )
-    return RegisteredRunner(created["runner"]["metadata"]["id"], name, exchanged["token"],
-                            Client(admin.server, exchanged["token"]))
 
 
 def make_user(admin: Client, name: str, role: str = "member", organization_id: str | None = None) -> Client:
