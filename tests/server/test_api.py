@@ -102,6 +102,23 @@ def test_runner_status_keeps_what_the_server_owns(server: LiveServer, admin_clie
     assert exc.value.status == 400 and "observed_generation" in exc.value.message
 
 
+def test_asking_a_failed_environment_again_is_a_retry(admin_client: Client) -> None:
+    runner = register_runner(admin_client, "r-retry")
+    runner.heartbeat()
+    env_id = create_env(admin_client, image="a")["metadata"]["id"]
+    from support.world import eventually
+
+    eventually(lambda: admin_client.get(f"/api/v1/environments/{env_id}")["status"].get("runner_id"))
+    runner.report(env_id, phase="failed", observed_generation=1, message="pull failed")
+    same = admin_client.patch(f"/api/v1/environments/{env_id}", {"spec": {"desired_phase": "running"}})
+    assert same["metadata"]["generation"] == 2, "a retry is a new generation for the runner to act on"
+    runner.report(env_id, phase="running", observed_generation=2)
+    again = admin_client.patch(f"/api/v1/environments/{env_id}", {"spec": {"desired_phase": "running"}})
+    assert again["metadata"]["generation"] == 2, "asking a running environment to run changes nothing"
+    actions = [e["spec"]["action"] for e in admin_client.get("/api/v1/audit-events", {"target_id": env_id})["items"]]
+    assert "environment.retry" in actions
+
+
 def test_list_paging_and_filters(admin_client: Client) -> None:
     created = [create_env(admin_client, image=f"i{n}")["metadata"]["id"] for n in range(7)]
     admin_client.patch(f"/api/v1/environments/{created[2]}", {"metadata": {"labels": {"tier": "gold"}}})

@@ -135,6 +135,17 @@ async def patch(tx: resources.Tx, principal: Principal, env_id: str, body: Envir
     if changes_class and row.runner_id is not None:
         raise Invalid("the class of an environment that has a runner cannot change")
     spec_changed = resources.merge_spec(row, body.spec, EnvironmentSpec)
+    retry = (
+        not spec_changed
+        and body.spec is not None
+        and body.spec.desired_phase is not None
+        and body.spec.desired_phase != DesiredPhase.DELETED
+        and row.status.get("phase") == EnvironmentPhase.FAILED
+    )
+    if retry:
+        # Asking a failed environment for the phase it already wants is a retry: a new generation makes the
+        # runner, which leaves a failed generation alone, try again.
+        spec_changed = True
     if spec_changed:
         await _check_references(tx.session, principal, row.organization_id or "", EnvironmentSpec(**row.spec))
     labels_changed = resources.merge_metadata(row, body.metadata)
@@ -142,6 +153,7 @@ async def patch(tx: resources.Tx, principal: Principal, env_id: str, body: Envir
         action = "update"
         if body.spec is not None and body.spec.model_fields_set == {"desired_phase"}:
             action = {"running": "start", "stopped": "stop", "deleted": "delete"}[row.spec["desired_phase"]]
+            action = "retry" if retry else action
         tx.modify(
             row,
             action=action,
