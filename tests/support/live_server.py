@@ -137,21 +137,23 @@ def _listening(settings: ServerSettings) -> Iterator[tuple[ServerSettings, socke
 
 
 def _with_port(settings: ServerSettings, port: int) -> ServerSettings:
-    url = f"http://127.0.0.1:{port}"
-    update: dict[str, Any] = {"listen": f"127.0.0.1:{port}"}
+    settings = settings.model_copy(update={"listen": f"127.0.0.1:{port}"})
     if settings.public_url is None:
-        update["public_url"] = url
-    return settings.model_copy(update=update)
+        settings = settings.model_copy(update={"public_url": _url(settings)})
+    return settings
+
+
+def _url(settings: ServerSettings) -> str:
+    return f"http://127.0.0.1:{settings.host_port()[1]}"
 
 
 @contextmanager
 def _started(settings: ServerSettings, backend: _Backend) -> Iterator[LiveServer]:
-    url = f"http://127.0.0.1:{settings.host_port()[1]}"
     backend.start()
     try:
         token_file = settings.state_dir / "admin-token"
         token = token_file.read_text().strip() if token_file.exists() else ""
-        yield LiveServer(url, settings.state_dir, token, settings, backend)
+        yield LiveServer(_url(settings), settings.state_dir, token, settings, backend)
     finally:
         backend.stop()
 
@@ -208,7 +210,7 @@ class _ThreadBackend:
         self._server, self._thread = server, thread
         thread.start()
         try:
-            _wait_until_healthy(f"http://127.0.0.1:{port}", thread.is_alive, "the server thread")
+            _wait_until_healthy(_url(self._settings), thread.is_alive, "the server thread")
         except BaseException:
             self.stop()
             raise
@@ -272,9 +274,10 @@ class _ProcessBackend:
     def start(self) -> None:
         process = subprocess.Popen(self.command(), env=self.environment(), stdin=subprocess.DEVNULL)
         self.process = process
-        url = f"http://127.0.0.1:{self._settings.host_port()[1]}"
         try:
-            _wait_until_healthy(url, lambda: process.poll() is None, f"devyard server (pid {process.pid})")
+            _wait_until_healthy(
+                _url(self._settings), lambda: process.poll() is None, f"devyard server (pid {process.pid})"
+            )
         except BaseException:
             self.stop()
             raise
