@@ -13,6 +13,10 @@ connections; the rest wait their turn in a first-come queue, and that wait count
 wait in a server's accept queue would. (Letting thousands of requests queue inside httpx's connection pool
 instead costs the generator time quadratic in the queue's length, and its own lag then passes for the
 server's.) The first ``warmup`` seconds are sent but not measured.
+
+Both phases spread their connections over several clients of at most ``_PER_CLIENT`` connections: httpx's
+pool checks every connection it holds (a ``poll`` system call each) for every request, so one pool of 64
+connections cost the generator more CPU per request than the server spent answering it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import contextlib
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +50,7 @@ _ONCE = RetryPolicy(attempts=1)
 OPERATIONS: dict[str, float] = {"get": 0.5, "list": 0.25, "patch": 0.25}
 LIST_PAGE_SIZE = 50
 FIXED_RATE_CONNECTIONS = 64
+_PER_CLIENT = 8
 _WATCH_ATTEMPTS = 5
 
 
@@ -88,6 +95,19 @@ class RateResult:
         return [value for values in self.latencies.values() for value in values]
 
 
+@asynccontextmanager
+async def _clients(url: str, token: str, connections: int, timeout: float) -> AsyncIterator[list[AsyncClient]]:
+    """Enough clients of at most ``_PER_CLIENT`` connections each for ``connections`` in all."""
+    async with AsyncExitStack() as stack:
+        count = max(1, -(-connections // _PER_CLIENT))
+        yield [
+            await stack.enter_async_context(
+                AsyncClient(url, token, retry=_ONCE, timeout=timeout, max_connections=_PER_CLIENT)
+            )
+            for _ in range(count)
+        ]
+
+
 async def create_environments(
     url: str, token: str, *, count: int, concurrency: int, running_timeout: float, request_timeout: float = 30.0
 ) -> CreateResult:
@@ -99,10 +119,10 @@ async def create_environments(
     all_running = asyncio.Event()
 
     async with (
-        AsyncClient(url, token, retry=_ONCE, timeout=request_timeout, max_connections=concurrency) as client,
+        _clients(url, token, concurrency, request_timeout) as clients,
         AsyncClient(url, token, retry=_ONCE, timeout=request_timeout, max_connections=2) as watcher,
     ):
-        version = str((await client.get(_PATH, {"page_size": 1}))["resource_version"])
+        version = str((await watcher.get(_PATH, {"page_size": 1}))["resource_version"])
 
         async def watch() -> None:
             nonlocal version
@@ -127,7 +147,7 @@ async def create_environments(
 
         numbers = iter(range(count))
 
-        async def create() -> None:
+        async def create(client: AsyncClient) -> None:
             for number in numbers:  # one iterator shared by the workers: each number is taken once
                 body = {"metadata": {"name": f"bench-{number:05d}", "labels": {"bench": "api"}}}
                 started = time.perf_counter()
@@ -148,7 +168,9 @@ async def create_environments(
         try:
             await asyncio.sleep(0.2)  # let the watch open before the first create
             first = time.perf_counter()
-            workers = [asyncio.create_task(create()) for _ in range(min(concurrency, count))]
+            workers = [
+                asyncio.create_task(create(clients[worker % len(clients)])) for worker in range(min(concurrency, count))
+            ]
             # Each request times out, so the workers end; the bound is a backstop.
             _, late = await asyncio.wait(workers, timeout=request_timeout * (count // max(concurrency, 1) + 2))
             for task in late:
@@ -189,12 +211,14 @@ async def fixed_rate(
     names, weights = list(OPERATIONS), list(OPERATIONS.values())
     total = max(1, round(rate * (warmup + duration)))
 
-    on_the_wire = asyncio.Semaphore(connections)
-    async with AsyncClient(url, token, retry=_ONCE, timeout=request_timeout, max_connections=connections) as client:
+    async with _clients(url, token, connections, request_timeout) as clients:
+        # One first-come queue per client, so that no client's pool ever queues requests itself.
+        slots = [asyncio.Semaphore(_PER_CLIENT) for _ in clients]
         start = time.perf_counter() + 0.05
         measured_from = start + warmup
 
         async def send(number: int, due: float, operation: str, key: str) -> None:
+            client, on_the_wire = clients[number % len(clients)], slots[number % len(clients)]
             request: Any
             if operation == "get":
                 request = client.get(f"{_PATH}/{key}")
@@ -230,7 +254,7 @@ async def fixed_rate(
             key = chooser.choice(environment_ids)
             tasks.append(asyncio.create_task(send(number, due, operation, key)))
         # Queued requests wait for their turn and then up to request_timeout each: bound the wait for them all.
-        backlog = len(tasks) / connections * request_timeout
+        backlog = len(tasks) / (len(clients) * _PER_CLIENT) * request_timeout
         _, late = await asyncio.wait(tasks, timeout=min(request_timeout + backlog, 300.0))
         for task in late:
             task.cancel()
