@@ -35,9 +35,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     databases.selected(config)  # a typo fails the run now, not as a missing parameter later
-    # A developer's shell may point the CLI and settings at a real server; tests must never use it.
+    # A developer's shell may point the CLI at a real server, or change the server's or runner's settings
+    # (DEVYARD_SERVER, DEVYARD_TOKEN, DEVYARD_SERVER_*, DEVYARD_RUNNER_*...): no test may see them. Only the
+    # test suite's own knobs, DEVYARD_TEST_*, pass.
     for name in list(os.environ):
-        if name in ("DEVYARD_SERVER", "DEVYARD_TOKEN") or name.startswith("DEVYARD_SERVER_"):
+        if name.startswith("DEVYARD_") and not name.startswith("DEVYARD_TEST_"):
             del os.environ[name]
 
 
