@@ -1,7 +1,8 @@
 """Fixtures for server tests that share one live server per module and database.
 
 - ``module_database_kind``: a module-scoped parameter over the database kinds that ``--databases`` selects
-  (``database_kind`` of ``tests/conftest.py`` is per test, so a module-scoped fixture cannot use it).
+  (``support.databases``; ``database_kind`` of ``tests/conftest.py`` is per test, so a module-scoped fixture
+  cannot use it).
 - ``module_server``: the real management plane over a fresh database of that kind, started once for the
   module; a module may set ``SERVER_SETTINGS = {...}`` to override settings (``support.live_server.settings_for``).
 
@@ -12,23 +13,15 @@ dominate the run time. Tests that need a pristine database use ``server`` from `
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-from support import live_server
+from support import databases, live_server
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "module_database_kind" in metafunc.fixturenames:
-        wanted = {kind.strip() for kind in str(metafunc.config.getoption("databases")).split(",")}
-        params = [
-            pytest.param(kind, id=kind, marks=[pytest.mark.postgres] if kind == "postgresql" else [])
-            for kind in ("sqlite", "postgresql")
-            if kind in wanted
-        ]
-        metafunc.parametrize("module_database_kind", params, scope="module")
+        metafunc.parametrize("module_database_kind", databases.params(metafunc.config), scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +30,7 @@ def module_server(
 ) -> Iterator[live_server.LiveServer]:
     state_dir = tmp_path_factory.mktemp(f"{request.module.__name__.rsplit('.', 1)[-1]}-{module_database_kind}")
     overrides = getattr(request.module, "SERVER_SETTINGS", {})
-    with _database(module_database_kind, request, state_dir) as url:
+    with databases.fresh_database(module_database_kind, request, state_dir) as url:
         settings = live_server.settings_for(state_dir, url, **overrides)
         with live_server.serve_in_thread(settings) as server:
             yield server
-
-
-@contextmanager
-def _database(kind: str, request: pytest.FixtureRequest, state_dir: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{state_dir / 'devyard.db'}"
-        return
-    with request.getfixturevalue("postgres_server").database() as url:
-        yield url
