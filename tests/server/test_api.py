@@ -56,8 +56,12 @@ def test_environment_resource_shape_and_generation(admin_client: Client) -> None
 
 
 def test_stale_resource_version_is_refused_and_changes_nothing(admin_client: Client) -> None:
-    env = create_env(admin_client, image="a")
-    path = f"/api/v1/environments/{env['metadata']['id']}"
+    created = create_env(admin_client, image="a")
+    path = f"/api/v1/environments/{created['metadata']['id']}"
+    from support.world import eventually
+
+    # The scheduler writes its verdict (no runner) once; after that only this test writes.
+    env = eventually(lambda: (e := admin_client.get(path))["status"]["conditions"] and e)
     first = admin_client.patch(path, {"spec": {"image": "b"}, "resource_version": env["metadata"]["resource_version"]})
     with pytest.raises(ApiError) as stale:
         admin_client.patch(path, {"spec": {"image": "c"}, "resource_version": env["metadata"]["resource_version"]})

@@ -192,10 +192,8 @@ async def write_status(
     kept = [c for c in row.status.get("conditions", []) if c.get("type") in SERVER_CONDITIONS]
     reported["conditions"] = kept + [c for c in reported["conditions"] if c.get("type") not in SERVER_CONDITIONS]
     reported["runner_id"] = row.runner_id
-    reported["timings"] = {
-        **{k: v for k, v in row.status.get("timings", {}).items() if k == "schedule"},
-        **reported["timings"],
-    }
+    # Timings accumulate: a report that omits a phase (a later pass found the work done) keeps its figure.
+    reported["timings"] = {**row.status.get("timings", {}), **reported["timings"]}
     if reported["observed_generation"] > row.generation:
         raise Invalid(
             f"observed_generation {reported['observed_generation']} is newer than the spec's {row.generation}"
