@@ -77,7 +77,7 @@ def test_status_is_written_only_through_the_status_endpoint(admin_client: Client
     assert exc.value.status == 422
     with pytest.raises(ApiError) as exc:
         admin_client.put(f"/api/v1/environments/{env['metadata']['id']}/status", {"status": {"phase": "running"}})
-    assert exc.value.status == 404, "a user is not the owning runner"
+    assert exc.value.status == 403, "a user who sees the environment is still not its runner"
 
 
 def test_runner_status_keeps_what_the_server_owns(server: LiveServer, admin_client: Client) -> None:

@@ -23,7 +23,6 @@ hundreds of cells share one set-up):
 
 A placeholder written ``{fresh:NAME}`` is made anew, like NAME, for a call that is expected to succeed
 (deleting the shared one would spoil the cells after it); a denied call goes to the shared one. A cell marked
-``!`` is a known server bug (``KNOWN_BUGS``): it is expected to fail until the server is fixed.
 
 Each cell checks the status; for a denial, the error envelope; for a denied mutation, that nothing changed
 (the target read back by its organization's admin, the collection's members, and no audit event by the
@@ -92,7 +91,7 @@ PATCH  /api/v1/runners/{runner}                                200   404    404 
 DELETE /api/v1/runners/{fresh:runner}                          200   404    404     404         403    404     401
 DELETE /api/v1/runners/{runner}                                409   404    404     404         403    404     401
 POST   /api/v1/runners/{fresh:runner}/exchange-token           201   404    404     404         403    404     401
-PUT    /api/v1/runners/{runner}/status                         403!  404    404     404         200    404     401
+PUT    /api/v1/runners/{runner}/status                         403   404    404     404         200    404     401
 POST   /api/v1/runners/exchange#fresh                          200   200    200     200         200    200     200
 POST   /api/v1/runners/exchange#used                           401   401    401     401         401    401     401
 
@@ -119,9 +118,9 @@ GET    /api/v1/environments/{env_admin}                        200   404    404 
 GET    /api/v1/environments/{env_other}                        404   404    404     200         404    404     401
 PATCH  /api/v1/environments/{env_member}                       200   200    404     404         403    404     401
 DELETE /api/v1/environments/{fresh:env_member}                 202   202    404     404         403    404     401
-PUT    /api/v1/environments/{env_member}/status                403!  403!   404     404         200    404     401
-PUT    /api/v1/environments/{env_member2}/status               403!  404    403!    404         404    200     401
-GET    /api/v1/environments/{env_member}/secrets               403!  403!   404     404         200    404     401
+PUT    /api/v1/environments/{env_member}/status                403   403    404     404         200    404     401
+PUT    /api/v1/environments/{env_member2}/status               403   404    403     404         404    200     401
+GET    /api/v1/environments/{env_member}/secrets               403   403    404     404         200    404     401
 
 GET    /api/v1/secrets                                         200   200    200     200         403    403     401
 POST   /api/v1/secrets                                         201   201    201     404         403    403     401
@@ -148,25 +147,6 @@ GET    /api/v1/audit-events?organization_id={org}              200   403    403 
 #: The principals behind the ``nobody`` column.
 NOBODY = ("anonymous", "revoked", "expired", "suspended")
 
-#: Cells marked ``!``: (method, path) -> why the server answers otherwise today.
-KNOWN_BUGS = {
-    ("PUT", "/api/v1/runners/{runner}/status"): (
-        "store/runners.py write_status answers 404 to a caller who may read the runner (its admin); "
-        "the policy says visible but not yours to change is 403"
-    ),
-    ("PUT", "/api/v1/environments/{env_member}/status"): (
-        "store/environments.py write_status answers 404 to users who may read the environment (owner, admin); "
-        "the policy says visible but not yours to change is 403"
-    ),
-    ("PUT", "/api/v1/environments/{env_member2}/status"): (
-        "store/environments.py write_status answers 404 to users who may read the environment (owner, admin); "
-        "the policy says visible but not yours to change is 403"
-    ),
-    ("GET", "/api/v1/environments/{env_member}/secrets"): (
-        "api/environments.py environment_secrets answers 404 to users who may read the environment; "
-        "the policy says visible but not yours is 403"
-    ),
-}
 
 #: The request bodies, by route key (exact) or route shape (placeholders as ``*``). ``{unique}`` is new in
 #: every call; other placeholders are the world's resources.
@@ -279,15 +259,11 @@ def expand(table: str) -> list[Any]:
     params = []
     for route, cells in parse_policy(table):
         for column, cell in cells.items():
-            expected, known_bug = int(cell.rstrip("!")), cell.endswith("!")
+            expected = int(cell)
             principals = NOBODY if column == "nobody" else (column,)
             for principal in principals:
                 case = Case(principal, route, expected)
-                marks = []
-                if known_bug:
-                    reason = KNOWN_BUGS[(route.method, route.template)]
-                    marks.append(pytest.mark.xfail(strict=True, reason=reason))
-                params.append(pytest.param(case, id=case.id, marks=marks))
+                params.append(pytest.param(case, id=case.id))
     return params
 
 

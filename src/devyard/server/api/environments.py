@@ -12,7 +12,6 @@ from devyard.server.api.context import Context, context
 from devyard.server.api.lists import ListParams, list_params, list_response, narrow
 from devyard.server.api.responses import ERRORS, resource
 from devyard.server.store import environments, resources, secrets
-from devyard.server.store.errors import NotFound
 from devyard.wire.environments import (
     DesiredPhase,
     Environment,
@@ -94,8 +93,9 @@ async def write_environment_status(
 async def environment_secrets(environment_id: str, ctx: Context = Depends(context)) -> Any:
     """The decrypted secrets of an environment, for the runner it is assigned to only."""
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, KIND, environment_id)
-        if row is None or not ctx.principal.is_runner or row.runner_id != ctx.principal.id:
-            raise NotFound(f"{KIND} {environment_id} not found")
+        row = policy.require_readable(
+            ctx.principal, await resources.get(session, KIND, environment_id), KIND, environment_id
+        )
+        environments.require_owning_runner(ctx.principal, row)
         values = await secrets.values_for_environment(session, row, ctx.state.secrets)
     return JSONResponse(values)

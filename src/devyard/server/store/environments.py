@@ -17,7 +17,7 @@ from devyard.server import policy
 from devyard.server.auth import Principal
 from devyard.server.database.tables import ResourceRow
 from devyard.server.store import resources
-from devyard.server.store.errors import Conflict, Invalid, NotFound
+from devyard.server.store.errors import Conflict, Forbidden, Invalid
 from devyard.wire.environments import (
     DesiredPhase,
     EnvironmentCreate,
@@ -27,7 +27,7 @@ from devyard.wire.environments import (
     EnvironmentStatusWrite,
 )
 
-__all__ = ["SERVER_CONDITIONS", "create", "delete", "patch", "write_status"]
+__all__ = ["SERVER_CONDITIONS", "create", "delete", "patch", "require_owning_runner", "write_status"]
 
 #: Conditions that only the management plane sets.
 SERVER_CONDITIONS = frozenset({"Scheduled", "RunnerAvailable"})
@@ -180,13 +180,18 @@ async def delete(tx: resources.Tx, principal: Principal, env_id: str, resource_v
     return row
 
 
+def require_owning_runner(principal: Principal, row: ResourceRow) -> None:
+    """Only the runner an environment is assigned to writes its status and receives its secrets."""
+    if not principal.is_runner or row.runner_id != principal.id:
+        raise Forbidden(f"only the runner that {KIND} {row.id} is assigned to may do this")
+
+
 async def write_status(
     tx: resources.Tx, principal: Principal, env_id: str, body: EnvironmentStatusWrite
 ) -> ResourceRow | None:
     """The owning runner reports what it observes. Returns None when that report completed a deletion."""
-    row = await resources.get(tx.session, KIND, env_id)
-    if row is None or not principal.is_runner or row.runner_id != principal.id:
-        raise NotFound(f"{KIND} {env_id} not found")
+    row = policy.require_readable(principal, await resources.get(tx.session, KIND, env_id), KIND, env_id)
+    require_owning_runner(principal, row)
     resources.check_version(row, body.resource_version)
     reported = body.status.model_dump(mode="json")
     kept = [c for c in row.status.get("conditions", []) if c.get("type") in SERVER_CONDITIONS]

@@ -14,7 +14,7 @@ from devyard.server.auth import Principal
 from devyard.server.database.tables import CredentialRow, ResourceRow
 from devyard.server.store import resources
 from devyard.server.store.conditions import get_condition, set_condition
-from devyard.server.store.errors import Conflict, NotFound, Unauthenticated
+from devyard.server.store.errors import Conflict, Forbidden, Unauthenticated
 from devyard.wire.runners import RunnerCreate, RunnerPatch, RunnerPhase, RunnerSpec, RunnerStatusWrite
 
 __all__ = ["create", "delete", "exchange", "mark_environments", "new_exchange_token", "patch", "write_status"]
@@ -124,9 +124,9 @@ async def delete(tx: resources.Tx, principal: Principal, runner_id: str) -> Reso
 
 async def write_status(tx: resources.Tx, principal: Principal, runner_id: str, body: RunnerStatusWrite) -> ResourceRow:
     """A runner's heartbeat: what it reports, plus the time the server heard it and phase online."""
-    row = await resources.get(tx.session, KIND, runner_id)
-    if row is None or not principal.is_runner or principal.id != runner_id:
-        raise NotFound(f"{KIND} {runner_id} not found")
+    row = policy.require_readable(principal, await resources.get(tx.session, KIND, runner_id), KIND, runner_id)
+    if not principal.is_runner or principal.id != runner_id:
+        raise Forbidden(f"only runner {row.name} itself reports its status")
     resources.check_version(row, body.resource_version)
     old_phase = row.status.get("phase")
     status = body.status.model_dump(mode="json")
