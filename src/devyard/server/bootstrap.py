@@ -69,8 +69,12 @@ async def bootstrap(state: ServerState) -> bool:
             )
             await tx.commit()
     except Conflict:
-        log.info("another server replica bootstrapped the database")
-        return False
+        # Another replica may have won the race; anything else is a real failure.
+        async with state.database.read() as session:
+            if await session.scalar(select(ResourceRow.id).where(ResourceRow.kind == "Organization").limit(1)):
+                log.info("another server replica bootstrapped the database")
+                return False
+        raise
     _write_secret(Path(state.settings.state_dir) / ADMIN_TOKEN_FILE, secret)
     log.info("created organization 'default', user 'admin' and its token in %s", ADMIN_TOKEN_FILE)
     return True

@@ -33,6 +33,7 @@ __all__ = ["check_liveness", "run", "schedule"]
 log = logging.getLogger(__name__)
 LEASE = "control-loops"
 _BATCH = 500
+_PENDING = select(ResourceRow.id).where(ResourceRow.kind == "Environment", ResourceRow.runner_id.is_(None))
 
 
 async def _hold_lease(state: ServerState, holder: str, ttl: float) -> bool:
@@ -63,6 +64,10 @@ def _capacity(runner: ResourceRow) -> int:
 
 async def schedule(state: ServerState) -> int:
     """Assign pending environments to online runners that offer their class and have room; returns how many."""
+    async with state.database.read() as session:
+        # Most wake-ups find nothing to place: find that out without taking the write lock.
+        if await session.scalar(_PENDING.limit(1)) is None:
+            return 0
     async with state.database.write() as session:
         tx = resources.Tx(session)
         pending = (

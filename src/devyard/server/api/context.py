@@ -27,6 +27,9 @@ __all__ = ["Context", "anonymous", "context", "error_response", "install_error_h
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: Writes of these kinds may give the scheduler something to do.
+_SCHEDULING_KINDS = frozenset({"Environment", "Runner", "EnvironmentClass"})
+
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthenticated",
@@ -66,7 +69,8 @@ class Context:
             await tx.commit()
         if tx.last_revision is not None:
             self.state.feed.wake()
-            self.state.schedule_soon.set()
+            if tx.kinds & _SCHEDULING_KINDS:
+                self.state.schedule_soon.set()
 
     async def transact(self, work: Callable[[resources.Tx], Awaitable[T]], *, retry: bool = True) -> T:
         """Run ``work`` in a write transaction, again (up to 3 times) when a concurrent write got there first,

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Select, delete, func, insert, select, text, update
+from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
@@ -315,6 +315,8 @@ class Tx:
         self._audit: list[dict[str, Any]] = []
         self._later: list[object] = []
         self.last_revision: int | None = None
+        #: The kinds this transaction changed (known after commit).
+        self.kinds: frozenset[str] = frozenset()
 
     def add_after(self, obj: object) -> None:
         """Add a row that refers to resources of this transaction, after they are written."""
@@ -397,75 +399,79 @@ class Tx:
         )
 
     async def commit(self) -> int | None:
-        """Write everything; returns the last revision handed out (None when nothing changed)."""
+        """Write everything; returns the last revision handed out (None when nothing changed).
+
+        What needs no revision (audit events, labels, dependent rows) is written first; the revision counter,
+        whose row lock every writer queues on, is taken last and held only for the flush of the resources, the
+        change feed rows and the commit. On PostgreSQL a trigger on the change feed sends the NOTIFY.
+        """
         session = self.session
         now = utcnow()
-        if self._writes:
-            count = len(self._writes)
-            result = await session.execute(
-                update(RevisionRow)
-                .where(RevisionRow.id == 1)
-                .values(value=RevisionRow.value + count)
-                .returning(RevisionRow.value)
-            )
-            last = int(result.scalar_one())
-            first = last - count + 1
-            for offset, write in enumerate(self._writes):
-                row = write.row
-                row.resource_version = first + offset
-                row.updated_at = now
-                _copy_selectors(row)
-                if write.type == "ADDED":
-                    session.add(row)
-                elif write.type == "DELETED":
-                    await session.delete(row)
-            try:
-                await session.flush()
-            except StaleDataError:
-                raise Conflict("the resource changed meanwhile; read it again and retry") from None
-            except IntegrityError as exc:
-                raise Conflict(_integrity_message(exc)) from None
-            if self._later:
-                self.session.add_all(self._later)
-                await session.flush()
-            labelled = [w.row for w in self._writes if w.labels_changed and w.type != "DELETED"]
-            if labelled:
-                await session.execute(delete(LabelRow).where(LabelRow.resource_id.in_([r.id for r in labelled])))
-                values = [{"resource_id": r.id, "key": k, "value": v} for r in labelled for k, v in r.labels.items()]
-                if values:
-                    await session.execute(insert(LabelRow), values)
-            await session.execute(
-                insert(ChangeRow),
-                [
-                    {
-                        "revision": first + offset,
-                        "kind": write.row.kind,
-                        "resource_id": write.row.id,
-                        "organization_id": write.row.organization_id,
-                        "runner_id": write.row.runner_id,
-                        "creator_id": write.row.creator_id,
-                        "user_id": write.row.user_id,
-                        "type": write.type,
-                        "object": render(write.row),
-                        "created_at": now,
-                    }
-                    for offset, write in enumerate(self._writes)
-                ],
-            )
-            if session.get_bind().dialect.name == "postgresql":
-                await session.execute(
-                    text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": NOTIFY_CHANNEL, "payload": str(last)},
-                )
-            self.last_revision = last
-        elif self._later:
-            self.session.add_all(self._later)
-            await session.flush()
         if self._audit:
             await session.execute(insert(AuditRow), self._audit)
+            self._audit.clear()
+        if not self._writes:
+            if self._later:
+                session.add_all(self._later)
+                self._later.clear()
+                await session.flush()
+            return self.last_revision
+        for write in self._writes:
+            write.row.updated_at = now
+            _copy_selectors(write.row)
+        count = len(self._writes)
+        result = await session.execute(
+            update(RevisionRow)
+            .where(RevisionRow.id == 1)
+            .values(value=RevisionRow.value + count)
+            .returning(RevisionRow.value)
+        )
+        last = int(result.scalar_one())
+        first = last - count + 1
+        for offset, write in enumerate(self._writes):
+            write.row.resource_version = first + offset
+            if write.type == "ADDED":
+                session.add(write.row)
+            elif write.type == "DELETED":
+                await session.delete(write.row)
+        try:
+            await session.flush()
+            if self._later:
+                # After the resources they refer to: the unit of work does not order unrelated mappers.
+                session.add_all(self._later)
+                await session.flush()
+        except StaleDataError:
+            raise Conflict("the resource changed meanwhile; read it again and retry") from None
+        except IntegrityError as exc:
+            raise Conflict(_integrity_message(exc)) from None
+        labelled = [w.row for w in self._writes if w.labels_changed and w.type != "DELETED"]
+        if labelled:
+            await session.execute(delete(LabelRow).where(LabelRow.resource_id.in_([r.id for r in labelled])))
+            values = [{"resource_id": r.id, "key": k, "value": v} for r in labelled for k, v in r.labels.items()]
+            if values:
+                await session.execute(insert(LabelRow), values)
+        await session.execute(
+            insert(ChangeRow),
+            [
+                {
+                    "revision": first + offset,
+                    "kind": write.row.kind,
+                    "resource_id": write.row.id,
+                    "organization_id": write.row.organization_id,
+                    "runner_id": write.row.runner_id,
+                    "creator_id": write.row.creator_id,
+                    "user_id": write.row.user_id,
+                    "type": write.type,
+                    "object": render(write.row),
+                    "created_at": now,
+                }
+                for offset, write in enumerate(self._writes)
+            ],
+        )
+        self.last_revision = last
+        self.kinds = frozenset(w.row.kind for w in self._writes)
         self._later.clear()
         self._writes.clear()
-        self._audit.clear()
         return self.last_revision
 
 
