@@ -28,9 +28,11 @@ rebuild (delete, then create) is not this reconciler's to decide.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 
 from devyard.client import ApiError, AsyncClient, TransportError
 from devyard.runner.clock import Clock, SystemClock
@@ -56,6 +58,9 @@ log = logging.getLogger(__name__)
 READY: Final = "Ready"
 #: The timings this reconciler measures; the rest of ``status.timings`` belongs to the server.
 _START_STEPS: Final = ("pull", "create", "start")
+#: A start step that takes longer than this has its phase reported while it runs.
+_QUIET_STEP_SECONDS: Final = 0.2
+T = TypeVar("T")
 _LABEL_PREFIX: Final = "devyard.io/"
 
 
@@ -136,20 +141,32 @@ class EnvironmentReconciler:
         timings: dict[str, float] = {}
         drop: tuple[str, ...] = ()
         if container is None:
-            await self._report(key, EnvironmentPhase.CREATING)
             spec = await self._container_spec(environment)
             started = self._clock.now()
-            container = await self._runtime.create(spec)
+            container = await self._step(key, EnvironmentPhase.CREATING, self._runtime.create(spec))
             timings.update(container.timings or {"create": self._clock.now() - started})
             drop = _START_STEPS
         if not container.running:
-            await self._report(key, EnvironmentPhase.STARTING)
             started = self._clock.now()
-            await self._runtime.start(key)
+            await self._step(key, EnvironmentPhase.STARTING, self._runtime.start(key))
             timings["start"] = self._clock.now() - started
             drop = drop or ("start",)
         await self._report(key, EnvironmentPhase.RUNNING, timings=timings, drop_timings=drop)
         return Result()
+
+    async def _step(self, key: str, phase: EnvironmentPhase, work: Awaitable[T]) -> T:
+        """Do a step of a start; report its phase only if it takes a while. A fast start then costs one status
+        write instead of three, and a slow one (a large image) still shows what it is doing at once."""
+        task = asyncio.ensure_future(work)
+        done, _ = await asyncio.wait({task}, timeout=_QUIET_STEP_SECONDS)
+        if not done or task.cancelled() or task.exception() is not None:
+            # Slow, or failed: either way the user should see which step it is at.
+            try:
+                await self._report(key, phase)
+            except BaseException:
+                await asyncio.wait({task})  # never leave a step half-done behind an error of the report
+                raise
+        return await task
 
     async def _container_spec(self, environment: Environment) -> ContainerSpec:
         metadata = environment.metadata
