@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from devyard.server import policy
 from devyard.server.api.context import Context, context
-from devyard.server.api.responses import ERRORS
+from devyard.server.api.responses import ERRORS, JSONResponse
 from devyard.server.database.tables import AuditRow
 from devyard.server.store import resources
 from devyard.server.store.errors import Invalid

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from devyard.server import auth
+from devyard.server.api.responses import JSONResponse
 from devyard.server.state import ServerState
 from devyard.server.store import resources
 from devyard.server.store.errors import Conflict, StoreError, Unauthenticated

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import Query
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from devyard.server.api.context import Context
+from devyard.server.api.responses import JSONResponse
 from devyard.server.store import resources
 from devyard.server.store.errors import Invalid
 from devyard.server.watch import watch_events
@@ -95,9 +96,9 @@ async def list_response(ctx: Context, kind: str, query: resources.Query, params:
 async def _ndjson(first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     if first is None:
         return
-    yield (json.dumps(first) + "\n").encode()
+    yield orjson.dumps(first) + b"\n"
     async for event in events:
-        yield (json.dumps(event) + "\n").encode()
+        yield orjson.dumps(event) + b"\n"
 
 
 def narrow(query: resources.Query, **filters: str | None) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from devyard.server import policy
 from devyard.server.api.context import Context, context
 from devyard.server.api.lists import ListParams, list_params, list_response, narrow
-from devyard.server.api.responses import ERRORS, resource
+from devyard.server.api.responses import ERRORS, JSONResponse, resource
 from devyard.server.database.tables import ResourceRow
 from devyard.server.store import organizations, resources
 from devyard.wire.meta import ListResponse

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi.responses import JSONResponse
+import orjson
+from fastapi import responses
 
 from devyard.server.database.tables import ResourceRow
 from devyard.server.store import resources
 from devyard.wire.meta import ErrorEnvelope
 
-__all__ = ["ERRORS", "resource"]
+__all__ = ["ERRORS", "JSONResponse", "resource"]
+
+
+class JSONResponse(responses.JSONResponse):
+    """JSON with orjson: several times faster than the standard library on resource lists."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope, "description": description}

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
 
 from devyard.server import policy
 from devyard.server.api.context import Anonymous, Context, anonymous, context
 from devyard.server.api.lists import ListParams, list_params, list_response
-from devyard.server.api.responses import ERRORS, resource
+from devyard.server.api.responses import ERRORS, JSONResponse, resource
 from devyard.server.store import resources, runners
 from devyard.server.store.resources import Tx
 from devyard.wire.meta import ListResponse

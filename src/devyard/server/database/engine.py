@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -17,6 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 __all__ = ["Database"]
 
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: JSON columns (spec, status, the change feed) through orjson: reading a page of resources is mostly this.
+_JSON_CODEC: dict[str, Any] = {
+    "json_serializer": lambda value: orjson.dumps(value).decode(),
+    "json_deserializer": orjson.loads,
+}
 
 
 class Database:
@@ -30,7 +36,9 @@ class Database:
             self.engine: AsyncEngine = _sqlite_engine(url, immediate=True)
             self._read_engine = _sqlite_engine(url, immediate=False)
         else:
-            self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            self.engine = create_async_engine(
+                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **_JSON_CODEC
+            )
             self._read_engine = self.engine
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self._read_sessions = async_sessionmaker(self._read_engine, expire_on_commit=False, autoflush=False)
@@ -67,7 +75,9 @@ class Database:
 
 
 def _sqlite_engine(url: str, *, immediate: bool) -> AsyncEngine:
-    engine = create_async_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_size=5)
+    engine = create_async_engine(
+        url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_size=5, **_JSON_CODEC
+    )
     event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
 
