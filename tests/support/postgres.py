@@ -75,6 +75,8 @@ class PostgresServer:
     directory: Path
     port: int
     log_path: Path
+    #: The postmaster's pid, once it runs (its backends are its children).
+    pid: int = 0
     _counter: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
 
     @property
@@ -124,9 +126,9 @@ class PostgresServer:
 
 
 @contextmanager
-def running_postgres(bindir: Path | None = None) -> Iterator[PostgresServer]:
+def running_postgres(bindir: Path | None = None, settings: dict[str, str] | None = None) -> Iterator[PostgresServer]:
     """Start a server from ``bindir`` (default: ``find_bindir()``) in a new temporary directory; stop it and
-    remove the directory on exit."""
+    remove the directory on exit. ``settings`` override the test tuning (``bench/api`` asks for durability)."""
     bindir = bindir or find_bindir()
     as_user = _user_options()
     directory = Path(tempfile.mkdtemp(prefix="devyard-pg-"))
@@ -146,7 +148,8 @@ def running_postgres(bindir: Path | None = None) -> Iterator[PostgresServer]:
             cwd=directory,
             user_options=as_user,
         )
-        process = _start(server, data, as_user)
+        process = _start(server, data, as_user, settings or {})
+        server.pid = process.pid
         try:
             _wait_ready(server, process)
             yield server
@@ -195,7 +198,9 @@ def _run(command: list[str], *, cwd: Path, user_options: dict[str, Any]) -> None
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
 
 
-def _start(server: PostgresServer, data: Path, user_options: dict[str, Any]) -> subprocess.Popen[bytes]:
+def _start(
+    server: PostgresServer, data: Path, user_options: dict[str, Any], overrides: dict[str, str]
+) -> subprocess.Popen[bytes]:
     settings = {
         "listen_addresses": "127.0.0.1",
         "port": str(server.port),
@@ -206,6 +211,7 @@ def _start(server: PostgresServer, data: Path, user_options: dict[str, Any]) -> 
         # Each live server's pool may open 20 connections, and tests run several replicas.
         "max_connections": "300",
         "log_min_messages": "warning",
+        **overrides,
     }
     options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
     with server.log_path.open("wb") as log:

@@ -26,6 +26,7 @@ __all__ = [
     "authenticate",
     "hash_secret",
     "issue_credential",
+    "new_credential",
     "new_secret",
 ]
 
@@ -81,6 +82,23 @@ class Principal:
         return resources.Actor(self.type, self.id, source_ip, user_agent)
 
 
+def new_credential(
+    principal_type: str, *, token_id: str, subject_id: str, expires_at: datetime | None
+) -> tuple[str, CredentialRow]:
+    """A new credential: its secret (shown once, never stored) and the row that keeps only its hash."""
+    secret = new_secret(principal_type)
+    row = CredentialRow(
+        hash=hash_secret(secret),
+        principal_type=principal_type,
+        token_id=token_id,
+        subject_id=subject_id,
+        created_at=resources.utcnow(),
+        expires_at=expires_at,
+        revoked_at=None,
+    )
+    return secret, row
+
+
 def issue_credential(
     session: AsyncSession,
     principal_type: str,
@@ -89,19 +107,9 @@ def issue_credential(
     subject_id: str,
     expires_at: datetime | None,
 ) -> str:
-    """Add a credential to the session; returns its secret, which is never stored."""
-    secret = new_secret(principal_type)
-    session.add(
-        CredentialRow(
-            hash=hash_secret(secret),
-            principal_type=principal_type,
-            token_id=token_id,
-            subject_id=subject_id,
-            created_at=resources.utcnow(),
-            expires_at=expires_at,
-            revoked_at=None,
-        )
-    )
+    """Add a credential to the session; returns its secret."""
+    secret, row = new_credential(principal_type, token_id=token_id, subject_id=subject_id, expires_at=expires_at)
+    session.add(row)
     return secret
 
 

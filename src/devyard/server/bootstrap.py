@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from devyard.server import auth
-from devyard.server.database.tables import CredentialRow, ResourceRow
+from devyard.server.database.tables import ResourceRow
 from devyard.server.state import ServerState
 from devyard.server.store import resources
 from devyard.server.store.errors import Conflict
@@ -52,21 +52,11 @@ async def bootstrap(state: ServerState) -> bool:
                 creator_id=user.id,
                 spec={"description": "made on first start", "expires_at": None, "user_id": user.id},
             )
-            secret = auth.new_secret("user")
+            secret, credential = auth.new_credential("user", token_id=token.id, subject_id=user.id, expires_at=None)
             token.status = {"prefix": secret[:10]}
             token.scope = user.id
             tx.create(token, action="bootstrap")
-            tx.add_after(
-                CredentialRow(
-                    hash=auth.hash_secret(secret),
-                    principal_type="user",
-                    token_id=token.id,
-                    subject_id=user.id,
-                    created_at=resources.utcnow(),
-                    expires_at=None,
-                    revoked_at=None,
-                )
-            )
+            tx.add_after(credential)
             await tx.commit()
     except Conflict:
         # Another replica may have won the race; anything else is a real failure.

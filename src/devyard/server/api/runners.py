@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -10,6 +11,7 @@ from devyard.server import policy
 from devyard.server.api.context import Anonymous, Context, anonymous, context
 from devyard.server.api.lists import ListParams, list_params, list_response
 from devyard.server.api.responses import ERRORS, JSONResponse, resource
+from devyard.server.database.tables import ResourceRow
 from devyard.server.store import resources, runners
 from devyard.server.store.resources import Tx
 from devyard.wire.meta import ListResponse
@@ -37,14 +39,7 @@ async def create_runner(body: RunnerCreate, ctx: Context = Depends(context)) -> 
     row, secret, expires_at = await ctx.transact(
         lambda tx: runners.create(tx, ctx.principal, body, ctx.state.settings.exchange_token_ttl), retry=False
     )
-    return JSONResponse(
-        {
-            "runner": resources.render(row),
-            "exchange_token": secret,
-            "exchange_token_expires_at": expires_at.isoformat(),
-        },
-        status_code=201,
-    )
+    return _created(row, secret, expires_at)
 
 
 @router.post("/exchange", response_model=RunnerCredential)
@@ -86,14 +81,7 @@ async def new_exchange_token(runner_id: str, ctx: Context = Depends(context)) ->
     row, secret, expires_at = await ctx.transact(
         lambda tx: runners.new_exchange_token(tx, ctx.principal, runner_id, ctx.state.settings.exchange_token_ttl)
     )
-    return JSONResponse(
-        {
-            "runner": resources.render(row),
-            "exchange_token": secret,
-            "exchange_token_expires_at": expires_at.isoformat(),
-        },
-        status_code=201,
-    )
+    return _created(row, secret, expires_at)
 
 
 @router.put("/{runner_id}/status", response_model=Runner)
@@ -103,3 +91,11 @@ async def write_runner_status(runner_id: str, body: RunnerStatusWrite, ctx: Cont
         lambda tx: runners.write_status(tx, ctx.principal, runner_id, body), retry=body.resource_version is None
     )
     return resource(row)
+
+
+def _created(row: ResourceRow, secret: str, expires_at: datetime) -> JSONResponse:
+    """A runner with its exchange token, which is shown here only."""
+    return JSONResponse(
+        {"runner": resources.render(row), "exchange_token": secret, "exchange_token_expires_at": expires_at},
+        status_code=201,
+    )

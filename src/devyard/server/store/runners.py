@@ -43,18 +43,8 @@ async def create(
 
 def _exchange_token(tx: resources.Tx, row: ResourceRow, ttl: float) -> tuple[str, datetime]:
     expires_at = resources.utcnow() + timedelta(seconds=ttl)
-    secret = auth.new_secret("exchange")
-    tx.add_after(
-        CredentialRow(
-            hash=auth.hash_secret(secret),
-            principal_type="exchange",
-            token_id=row.id,
-            subject_id=row.id,
-            created_at=resources.utcnow(),
-            expires_at=expires_at,
-            revoked_at=None,
-        )
-    )
+    secret, credential = auth.new_credential("exchange", token_id=row.id, subject_id=row.id, expires_at=expires_at)
+    tx.add_after(credential)
     return secret, expires_at
 
 

@@ -11,6 +11,7 @@ from devyard.server.auth import Principal
 from devyard.server.database.tables import CredentialRow, ResourceRow
 from devyard.server.store import resources
 from devyard.server.store.errors import Invalid, NotFound
+from devyard.wire import ids
 from devyard.wire.tokens import TokenCreate
 
 __all__ = ["create", "revoke"]
@@ -37,7 +38,10 @@ async def create(tx: resources.Tx, principal: Principal, body: TokenCreate) -> t
             raise Invalid("expires_at is out of range once in UTC") from None
         if expires_at <= resources.utcnow():
             raise Invalid("expires_at is in the past")
-    secret = auth.new_secret("user")
+    token_id = ids.new_id(KIND)
+    secret, credential = auth.new_credential(
+        "user", token_id=token_id, subject_id=user_id, expires_at=body.spec.expires_at
+    )
     spec = body.spec.model_dump(mode="json")
     spec["user_id"] = user_id
     row = resources.new_row(
@@ -48,20 +52,11 @@ async def create(tx: resources.Tx, principal: Principal, body: TokenCreate) -> t
         spec=spec,
         status={"prefix": secret[:10]},
         labels=body.metadata.labels,
+        resource_id=token_id,
     )
     row.scope = user_id  # token names are unique per user
     tx.create(row, details={"user_id": user_id})
-    tx.add_after(
-        CredentialRow(
-            hash=auth.hash_secret(secret),
-            principal_type="user",
-            token_id=row.id,
-            subject_id=user_id,
-            created_at=resources.utcnow(),
-            expires_at=body.spec.expires_at,
-            revoked_at=None,
-        )
-    )
+    tx.add_after(credential)
     return row, secret
 
 
