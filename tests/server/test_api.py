@@ -217,6 +217,21 @@ def test_ssh_keys_are_parsed_and_fingerprinted(admin_client: Client) -> None:
     assert exc.value.status == 400
 
 
+def test_a_patch_that_changes_nothing_writes_nothing(admin_client: Client) -> None:
+    cls = admin_client.post("/api/v1/environment-classes", {"metadata": {"name": "small"}, "spec": {"cpu": 1}})
+    path = f"/api/v1/environment-classes/{cls['metadata']['id']}"
+    same = admin_client.patch(path, {"spec": {"cpu": 1}, "metadata": {"name": "small"}})
+    assert same["metadata"]["resource_version"] == cls["metadata"]["resource_version"]
+    actions = [
+        e["spec"]["action"]
+        for e in admin_client.get("/api/v1/audit-events", {"target_id": cls["metadata"]["id"]})["items"]
+    ]
+    assert actions == ["environment_class.create"]
+    renamed = admin_client.patch(path, {"metadata": {"name": "tiny"}})
+    assert renamed["metadata"]["name"] == "tiny"
+    assert int(renamed["metadata"]["resource_version"]) > int(cls["metadata"]["resource_version"])
+
+
 def test_every_mutation_is_audited(admin_client: Client) -> None:
     env_id = create_env(admin_client, image="a")["metadata"]["id"]
     admin_client.patch(f"/api/v1/environments/{env_id}", {"spec": {"desired_phase": "stopped"}})

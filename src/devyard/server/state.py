@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,10 +49,23 @@ def load_secret_key(settings: ServerSettings) -> str:
     if path.exists():
         return path.read_text().strip()
     key = base64.urlsafe_b64encode(os.urandom(32)).decode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # Another process sharing the state directory made it a moment ago: use theirs.
+        return _read_when_written(path)
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
     return key
+
+
+def _read_when_written(path: Path, attempts: int = 100) -> str:
+    for _ in range(attempts):
+        key = path.read_text().strip()
+        if key:
+            return key
+        time.sleep(0.01)
+    raise RuntimeError(f"{path} stays empty: remove it, or pass the key with --secret-key")
 
 
 @dataclass

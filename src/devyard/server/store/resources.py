@@ -337,7 +337,10 @@ class Tx:
         spec_changed: bool = False,
         labels_changed: bool = False,
     ) -> None:
-        """Record a change to a row read in this session (its fields already set)."""
+        """Record a change to a row read in this session (its fields already set). A row with no net change is
+        not written, nor audited: a PATCH that changes nothing leaves no trace."""
+        if not (spec_changed or labels_changed) and row in self.session and not self.session.is_modified(row):
+            return
         if labels_changed:
             check_labels(row.labels)
         if spec_changed:
