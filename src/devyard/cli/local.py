@@ -203,6 +203,11 @@ def _up_summary(
         render_environment(environment),
         "",
         Text(f"Local daemon {verb} at {daemon['url']} (pid {daemon['pid']}); log: {daemon['log']}", style="dim"),
+        Text(
+            "The local runner uses the fake runtime: the environment is tracked and driven like a real one, but no "
+            "container runs yet (the Linux runtime comes next).",
+            style="yellow",
+        ),
         Text("Next:", style="bold"),
         Text(f"  devyard env get {environment_id}{profile}      show it"),
         Text(f"  devyard env stop {environment_id} --wait{profile}"),
