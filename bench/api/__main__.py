@@ -45,6 +45,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument(f"--{name}", type=kind, help=f"{text} (default {_DEFAULTS[name]:g})")
     parser.add_argument("--concurrency", type=int, default=32, help="creates in flight (default 32)")
     parser.add_argument(
+        "--workers", type=int, default=1, help="server processes on PostgreSQL (SQLite always has one; default 1)"
+    )
+    parser.add_argument(
         "--running-timeout", type=float, default=60.0, help="seconds after the last create to wait for running"
     )
     parser.add_argument("--quick", action="store_true", help="a small smoke run: " + str(_QUICK))
@@ -96,7 +99,7 @@ def run_database(kind: str, options: argparse.Namespace) -> report.DatabaseRun:
             cluster = stack.enter_context(postgres.durable_cluster())
             database_url: str | None = cluster.url
             settings = ", ".join(f"{key}={value}" for key, value in postgres.DURABLE_SETTINGS.items())
-            description = f"PostgreSQL {cluster.version} ({settings})"
+            description = f"PostgreSQL {cluster.version} ({settings}); {options.workers} server process(es)"
             sources["postgres"] = lambda: cpu.tree_seconds(cluster.pid)
         else:
             database_url = None
@@ -107,7 +110,13 @@ def run_database(kind: str, options: argparse.Namespace) -> report.DatabaseRun:
             profile_to = (options.profile / f"server-{kind}.pstats").resolve()
             description += ", SERVER UNDER cProfile"
         server = stack.enter_context(
-            running_server(work / "server", database_url, logs["server"], profile_to=profile_to)
+            running_server(
+                work / "server",
+                database_url,
+                logs["server"],
+                profile_to=profile_to,
+                workers=options.workers if kind == "postgresql" else 1,
+            )
         )
         capacity = max(100, math.ceil(2 * options.environments / options.runners))
         fleet = stack.enter_context(
@@ -122,7 +131,7 @@ def run_database(kind: str, options: argparse.Namespace) -> report.DatabaseRun:
                 lifetime=900 + options.environments + options.duration,
             )
         )
-        sources["server"] = lambda: cpu.process_seconds(server.pid)
+        sources["server"] = lambda: cpu.tree_seconds(server.pid)  # with its workers, if any
         sources["runners"] = lambda: cpu.process_seconds(fleet.pid)
         meter = cpu.CpuMeter(sources)
         run = report.DatabaseRun(

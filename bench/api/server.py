@@ -56,11 +56,11 @@ class ServerProcess:
 
 @contextmanager
 def running_server(
-    state_dir: Path, database: str | None, log_path: Path, *, profile_to: Path | None = None
+    state_dir: Path, database: str | None, log_path: Path, *, profile_to: Path | None = None, workers: int = 1
 ) -> Iterator[ServerProcess]:
     """Start the server on a free port of 127.0.0.1 and wait until it answers; stop it (SIGTERM) on exit."""
     port = network.free_port()
-    settings = {"listen": f"127.0.0.1:{port}", "state_dir": str(state_dir), "database": database}
+    settings = {"listen": f"127.0.0.1:{port}", "state_dir": str(state_dir), "database": database, "workers": workers}
     environment = {key: value for key, value in os.environ.items() if not key.startswith("DEVYARD_SERVER_")}
     command = [sys.executable, "-c", _PROGRAM, json.dumps(settings), str(profile_to or "")]
     with log_path.open("ab") as log:

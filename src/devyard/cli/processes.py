@@ -23,7 +23,14 @@ __all__ = ["server", "settings_or_exit"]
 )
 @click.option("--database", metavar="URL", help="A postgresql://... URL; default: SQLite in the state directory.")
 @click.option("--public-url", metavar="URL", help="The URL runners and users reach this server at.")
-def server(listen: str | None, state_dir: Path | None, database: str | None, public_url: str | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Server processes sharing the port, one core each (PostgreSQL only) [default: 1].",
+)
+def server(
+    listen: str | None, state_dir: Path | None, database: str | None, public_url: str | None, workers: int | None
+) -> None:
     """Run the management plane: the API, the database and the control loops.
 
     On its first start it makes the organization `default` and the user `admin`, and writes the admin's
@@ -32,10 +39,19 @@ def server(listen: str | None, state_dir: Path | None, database: str | None, pub
     """
     from devyard.server.settings import ServerSettings
 
-    given = {"listen": listen, "state_dir": state_dir, "database": database, "public_url": public_url}
+    given = {
+        "listen": listen,
+        "state_dir": state_dir,
+        "database": database,
+        "public_url": public_url,
+        "workers": workers,
+    }
     settings = settings_or_exit(ServerSettings, given)
     if listen is not None:
         _check_listen(settings.host_port)
+
+    if settings.workers > 1 and settings.is_sqlite():
+        raise click.UsageError("--workers above 1 needs PostgreSQL (--database postgresql://...)")
 
     from devyard.server.app import serve
 

@@ -31,7 +31,7 @@ from devyard.server.settings import ServerSettings
 from devyard.server.state import SecretBox, ServerState, load_secret_key
 from devyard.server.watch import ChangeFeed
 
-__all__ = ["create_app", "serve"]
+__all__ = ["app_from_environment", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,12 @@ class _RequestGuard:
         return error_response(413, "payload_too_large", f"the body is larger than {self.max_body_bytes} bytes")
 
 
+def app_from_environment() -> FastAPI:
+    """The app with settings from ``DEVYARD_SERVER_*`` variables: what each worker process of
+    ``serve(workers=N)`` runs."""
+    return create_app(ServerSettings())
+
+
 def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     """Run the management plane until SIGINT or SIGTERM."""
     import uvicorn
@@ -180,6 +186,28 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = settings.host_port()
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    if settings.workers > 1:
+        if settings.is_sqlite():
+            raise ValueError(
+                "several workers need PostgreSQL (--database postgresql://...): SQLite has one writer, and "
+                "workers would see each other's changes only through its one-second poll"
+            )
+        # The workers are new processes: they read the settings back from the environment.
+        for name, value in settings.model_dump(mode="json").items():
+            if value is not None:
+                os.environ[f"DEVYARD_SERVER_{name.upper()}"] = str(value)
+        uvicorn.run(
+            "devyard.server.app:app_from_environment",
+            factory=True,
+            host=host,
+            port=port,
+            workers=settings.workers,
+            log_level=log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=3,
+            access_log=os.environ.get("DEVYARD_ACCESS_LOG") == "1",
+        )
+        return
     config = uvicorn.Config(
         create_app(settings),
         host=host,

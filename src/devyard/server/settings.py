@@ -38,6 +38,8 @@ class ServerSettings(BaseSettings):
     exchange_token_ttl: float = Field(default=24 * 3600.0, gt=0)
     #: Run the control loops in this process (several replicas may; they take turns through the database).
     run_loops: bool = True
+    #: Server processes on one port (PostgreSQL only): one process uses one core.
+    workers: int = Field(default=1, ge=1, le=64)
     #: Bodies larger than this are refused with 413.
     max_body_bytes: int = 1024 * 1024
 
@@ -50,6 +52,9 @@ class ServerSettings(BaseSettings):
         elif url.startswith("sqlite:///"):
             url = "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
         return url
+
+    def is_sqlite(self) -> bool:
+        return self.database_url().startswith("sqlite")
 
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
