@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from devyard.server.database.engine import Database
 
-__all__ = ["alembic_config", "current_revision", "head_revision", "upgrade"]
+__all__ = ["alembic_config", "current_revision", "downgrade", "head_revision", "upgrade"]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_KEY = 0x64657679  # "devy"
@@ -56,6 +56,17 @@ def _current(connection: Connection) -> str | None:
 async def upgrade(database: Database, target: str = "head") -> None:
     async with database.engine.connect() as connection:
         await connection.run_sync(_upgrade, target)
+
+
+def _downgrade(connection: Connection, target: str) -> None:
+    command.downgrade(alembic_config(connection), target)
+    connection.commit()
+
+
+async def downgrade(database: Database, target: str) -> None:
+    """Undo migrations down to ``target`` (``base``: an empty database). For operators and tests."""
+    async with database.engine.connect() as connection:
+        await connection.run_sync(_downgrade, target)
 
 
 async def current_revision(database: Database) -> str | None:
