@@ -46,6 +46,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         await feed.start()
         state = ServerState(settings, database, feed, SecretBox(load_secret_key(settings)))
         app.state.devyard = state
+        await bootstrap.check_secret_key(state)
         await bootstrap.bootstrap(state)
         tasks = [asyncio.create_task(feed.run(), name="change-feed")]
         if settings.run_loops:

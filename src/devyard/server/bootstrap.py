@@ -11,16 +11,17 @@ import os
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from devyard.server import auth
-from devyard.server.database.tables import ResourceRow
+from devyard.server.database.tables import ResourceRow, ServerFactRow
 from devyard.server.state import ServerState
 from devyard.server.store import resources
 from devyard.server.store.errors import Conflict
 from devyard.server.store.organizations import add_membership, new_organization
 from devyard.wire.organizations import OrganizationSpec, Role
 
-__all__ = ["ADMIN_TOKEN_FILE", "bootstrap"]
+__all__ = ["ADMIN_TOKEN_FILE", "bootstrap", "check_secret_key"]
 
 ADMIN_TOKEN_FILE = "admin-token"
 log = logging.getLogger(__name__)
@@ -68,6 +69,26 @@ async def bootstrap(state: ServerState) -> bool:
     _write_secret(Path(state.settings.state_dir) / ADMIN_TOKEN_FILE, secret)
     log.info("created organization 'default', user 'admin' and its token in %s", ADMIN_TOKEN_FILE)
     return True
+
+
+async def check_secret_key(state: ServerState) -> None:
+    """Refuse to start with a key other than the one the database's secrets were sealed with: every replica
+    must share it, and a wrong one would fail only later, at each secret."""
+    fingerprint = state.secrets.fingerprint()
+    try:
+        async with state.database.write() as session:
+            fact = await session.get(ServerFactRow, "secret_key")
+            if fact is None:
+                session.add(ServerFactRow(name="secret_key", value=fingerprint))
+                return
+    except IntegrityError:
+        async with state.database.read() as session:
+            fact = await session.get(ServerFactRow, "secret_key")
+    if fact is not None and fact.value != fingerprint:
+        raise RuntimeError(
+            "this server's secret key is not the one the database's secrets were encrypted with: give every "
+            "server the same key (DEVYARD_SERVER_SECRET_KEY, or the same <state-dir>/secret-key)"
+        )
 
 
 def _write_secret(path: Path, secret: str) -> None:

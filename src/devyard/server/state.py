@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,10 +28,15 @@ class SecretBox:
     """Encrypts secret values at rest (Fernet: AES-128-CBC with HMAC-SHA256)."""
 
     def __init__(self, key: str) -> None:
+        self._key = key.encode()
         try:
             self._fernet = Fernet(key.encode())
         except (ValueError, TypeError) as exc:
             raise ValueError("the secret key must be 32 bytes in url-safe base64 (Fernet.generate_key())") from exc
+
+    def fingerprint(self) -> str:
+        """Names the key without revealing it: an HMAC of a constant."""
+        return "hmac-sha256:" + hmac.new(self._key, b"devyard secret key fingerprint", hashlib.sha256).hexdigest()
 
     def seal(self, value: str) -> str:
         return self._fernet.encrypt(value.encode()).decode()

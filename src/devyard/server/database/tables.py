@@ -39,6 +39,7 @@ __all__ = [
     "ResourceRow",
     "RevisionRow",
     "SecretValueRow",
+    "ServerFactRow",
     "UTCDateTime",
 ]
 
@@ -208,3 +209,12 @@ class LeaseRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(64))
     expires_at: Mapped[datetime]
+
+
+class ServerFactRow(Base):
+    """What every replica must agree on (the secret key's fingerprint): checked on start."""
+
+    __tablename__ = "server_facts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
