@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -70,14 +69,6 @@ async def running(agent: Agent) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         agent.stop()
         await asyncio.wait_for(task, timeout=10)
-
-
-@pytest.fixture(autouse=True)
-def _no_runner_settings_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's DEVYARD_RUNNER_* variables must not change what these tests run."""
-    for name in list(os.environ):
-        if name.startswith("DEVYARD_RUNNER_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
