@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 
 from devyard.client import ApiError, Client
 from devyard.server.database import migrate
@@ -151,7 +152,8 @@ def test_a_change_through_one_server_reaches_a_watcher_on_another(
     postgres_server: postgres.PostgresServer, tmp_path: Path
 ) -> None:
     # The backstop poll is slower than the test's patience: only NOTIFY can deliver in time.
-    common = {"watch_poll_interval": 120.0, "loop_interval": 0.2}
+    # Replicas share the key that encrypts secrets, as a real deployment must.
+    common = {"watch_poll_interval": 120.0, "loop_interval": 0.2, "secret_key": Fernet.generate_key().decode()}
     with (
         postgres_server.database() as database_url,
         live_server.serve_in_process(live_server.settings_for(tmp_path / "a", database_url, **common)) as a,
