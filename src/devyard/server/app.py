@@ -27,6 +27,7 @@ from devyard.server.api.context import error_response, install_error_handlers
 from devyard.server.api.responses import JSONResponse
 from devyard.server.database import migrate
 from devyard.server.database.engine import Database
+from devyard.server.group_commit import GroupCommit
 from devyard.server.settings import ServerSettings
 from devyard.server.state import SecretBox, ServerState, load_secret_key
 from devyard.server.watch import ChangeFeed
@@ -48,12 +49,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.devyard = state
         await bootstrap.check_secret_key(state)
         await bootstrap.bootstrap(state)
+        state.group_commit = GroupCommit(state)
+        state.group_commit.start()
         tasks = [asyncio.create_task(feed.run(), name="change-feed")]
         if settings.run_loops:
             tasks.append(asyncio.create_task(loops.run(state), name="control-loops"))
         try:
             yield
         finally:
+            await state.group_commit.stop()
             for task in tasks:
                 task.cancel()
             for task in tasks:

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -84,3 +85,5 @@ class ServerState:
     credentials: CredentialCache = field(default_factory=CredentialCache)
     #: Set when something the scheduler cares about changed in this process.
     schedule_soon: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Commits bursts of creates together (``group_commit.GroupCommit``); set by the app's lifespan.
+    group_commit: Any = None

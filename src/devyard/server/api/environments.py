@@ -45,7 +45,13 @@ async def list_environments(
 
 @router.post("", status_code=201, response_model=Environment)
 async def create_environment(body: EnvironmentCreate, ctx: Context = Depends(context)) -> Any:
-    row = await ctx.transact(lambda tx: environments.create(tx, ctx.principal, body), retry=False)
+    async with ctx.state.database.read() as session:
+        row, exact = await environments.prepare_create(session, ctx.principal, body)
+    if exact:
+        # A per-user limit counts what exists: check and create in one transaction.
+        row = await ctx.transact(lambda tx: environments.create(tx, ctx.principal, body), retry=False)
+    else:
+        await ctx.state.group_commit.submit(ctx.actor, lambda tx: tx.create(row))
     return resource(row, 201)
 
 

@@ -27,7 +27,15 @@ from devyard.wire.environments import (
     EnvironmentStatusWrite,
 )
 
-__all__ = ["SERVER_CONDITIONS", "create", "delete", "patch", "require_owning_runner", "write_status"]
+__all__ = [
+    "SERVER_CONDITIONS",
+    "create",
+    "delete",
+    "patch",
+    "prepare_create",
+    "require_owning_runner",
+    "write_status",
+]
 
 #: Conditions that only the management plane sets.
 SERVER_CONDITIONS = frozenset({"Scheduled", "RunnerAvailable"})
@@ -65,7 +73,18 @@ async def _check_references(session: AsyncSession, principal: Principal, org: st
 
 
 async def create(tx: resources.Tx, principal: Principal, body: EnvironmentCreate) -> ResourceRow:
-    session = tx.session
+    row, _ = await prepare_create(tx.session, principal, body)
+    tx.create(row)
+    return row
+
+
+async def prepare_create(
+    session: AsyncSession, principal: Principal, body: EnvironmentCreate
+) -> tuple[ResourceRow, bool]:
+    """Check a new environment and make its row, reading only: the write may then join a group commit.
+
+    The flag says the check must be repeated in the writing transaction: a per-user limit counts what exists.
+    """
     org_id = policy.creation_organization(principal, body.metadata.organization_id)
     policy.check_create(principal, KIND, org_id)
     spec = body.spec
@@ -100,8 +119,7 @@ async def create(tx: resources.Tx, principal: Principal, body: EnvironmentCreate
         status={"phase": EnvironmentPhase.PENDING.value, "observed_generation": 0, "conditions": []},
         labels=body.metadata.labels,
     )
-    tx.create(row)
-    return row
+    return row, limit is not None
 
 
 def _with_project_defaults(spec: EnvironmentSpec, project: ResourceRow) -> EnvironmentSpec:

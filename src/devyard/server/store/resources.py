@@ -318,6 +318,13 @@ class Tx:
         #: The kinds this transaction changed (known after commit).
         self.kinds: frozenset[str] = frozenset()
 
+    def absorb(self, other: Tx) -> None:
+        """Take over another transaction's staged writes, audit rows and all (group commit)."""
+        self._writes += other._writes
+        self._audit += other._audit
+        self._later += other._later
+        other._writes, other._audit, other._later = [], [], []
+
     def add_after(self, obj: object) -> None:
         """Add a row that refers to resources of this transaction, after they are written."""
         self._later.append(obj)
