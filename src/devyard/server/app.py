@@ -49,15 +49,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.devyard = state
         await bootstrap.check_secret_key(state)
         await bootstrap.bootstrap(state)
-        state.group_commit = GroupCommit(state)
-        state.group_commit.start()
+        group_commit = state.group_commit = GroupCommit(state)
+        group_commit.start()
         tasks = [asyncio.create_task(feed.run(), name="change-feed")]
         if settings.run_loops:
             tasks.append(asyncio.create_task(loops.run(state), name="control-loops"))
         try:
             yield
         finally:
-            await state.group_commit.stop()
+            await group_commit.stop()
             for task in tasks:
                 task.cancel()
             for task in tasks:

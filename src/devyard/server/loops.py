@@ -14,8 +14,8 @@ import os
 import random
 import socket
 from collections import Counter
-from datetime import timedelta
-from typing import Any
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -144,7 +144,7 @@ async def schedule(state: ServerState) -> int:
 
 
 def _place(
-    env: ResourceRow, runners: Any, classes: dict[str, ResourceRow], load: Counter[str]
+    env: ResourceRow, runners: Sequence[ResourceRow], classes: dict[str, ResourceRow], load: Counter[str]
 ) -> ResourceRow | tuple[str, str]:
     class_id = env.spec.get("class_id")
     cls = classes.get(class_id) if class_id else None
@@ -198,12 +198,10 @@ async def check_liveness(state: ServerState) -> int:
     return len(gone)
 
 
-def _heard_before(runner: ResourceRow, cutoff: Any) -> bool:
+def _heard_before(runner: ResourceRow, cutoff: datetime) -> bool:
     heard = runner.status.get("last_heartbeat_at")
     if heard is None:
         return True
-    from datetime import datetime
-
     return bool(datetime.fromisoformat(str(heard)) < cutoff)
 
 

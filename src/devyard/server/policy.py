@@ -12,18 +12,22 @@ change answers 403. Called by every route; the store functions trust their calle
 
 from __future__ import annotations
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from devyard.server.auth import Principal
 from devyard.server.database.tables import ResourceRow
+from devyard.server.store import resources
 from devyard.server.store.errors import Forbidden, Invalid, NotFound
 from devyard.server.store.resources import Query
 
 __all__ = [
+    "changeable",
     "check_create",
     "check_write",
     "creation_organization",
     "list_scope",
     "readable",
-    "require_readable",
+    "visible",
     "writable",
 ]
 
@@ -80,9 +84,19 @@ def writable(principal: Principal, row: ResourceRow) -> bool:
     return False
 
 
-def require_readable(principal: Principal, row: ResourceRow | None, kind: str, resource_id: str) -> ResourceRow:
+async def visible(session: AsyncSession, principal: Principal, kind: str, resource_id: str) -> ResourceRow:
+    """The resource, if the principal may see it; NotFound otherwise (its existence is not revealed)."""
+    row = await resources.get(session, kind, resource_id)
     if row is None or not readable(principal, row):
         raise NotFound(f"{kind} {resource_id} not found")
+    return row
+
+
+async def changeable(session: AsyncSession, principal: Principal, kind: str, resource_id: str) -> ResourceRow:
+    """The resource, if the principal may change it: NotFound when it may not see it, Forbidden when it may
+    see it but not change it."""
+    row = await visible(session, principal, kind, resource_id)
+    check_write(principal, row)
     return row
 
 

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -21,6 +21,9 @@ from devyard.server.auth import CredentialCache
 from devyard.server.database.engine import Database
 from devyard.server.settings import ServerSettings
 from devyard.server.watch import ChangeFeed
+
+if TYPE_CHECKING:
+    from devyard.server.group_commit import GroupCommit
 
 __all__ = ["SecretBox", "ServerState", "load_secret_key"]
 
@@ -86,4 +89,4 @@ class ServerState:
     #: Set when something the scheduler cares about changed in this process.
     schedule_soon: asyncio.Event = field(default_factory=asyncio.Event)
     #: Commits bursts of creates together (``group_commit.GroupCommit``); set by the app's lifespan.
-    group_commit: Any = None
+    group_commit: GroupCommit | None = None

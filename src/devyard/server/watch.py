@@ -77,6 +77,10 @@ class ChangeFeed:
         self._started = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
 
+    async def started(self) -> None:
+        """Returns once ``start`` has read where the feed begins."""
+        await self._started.wait()
+
     def wake(self) -> None:
         """Look for new changes now (a commit in this process, or a NOTIFY)."""
         self._wake.set()
@@ -210,7 +214,7 @@ async def watch_events(
 
     Raises ``Gone`` before the first event when ``revision`` is too old; later, yields an ERROR event instead.
     """
-    await feed._started.wait()
+    await feed.started()
     if revision < feed.compacted:
         raise Gone(f"resource_version {revision} is too old (the oldest kept is {feed.compacted}): list again")
     cursor = revision

@@ -40,8 +40,8 @@ async def create_class(body: EnvironmentClassCreate, ctx: Context = Depends(cont
 @router.get("/environment-classes/{class_id}", response_model=EnvironmentClass, tags=["environment-classes"])
 async def get_class(class_id: str, ctx: Context = Depends(context)) -> Any:
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, "EnvironmentClass", class_id)
-    return resource(policy.require_readable(ctx.principal, row, "EnvironmentClass", class_id))
+        row = await policy.visible(session, ctx.principal, "EnvironmentClass", class_id)
+    return resource(row)
 
 
 @router.patch("/environment-classes/{class_id}", response_model=EnvironmentClass, tags=["environment-classes"])
@@ -73,8 +73,8 @@ async def create_project(body: ProjectCreate, ctx: Context = Depends(context)) -
 @router.get("/projects/{project_id}", response_model=Project, tags=["projects"])
 async def get_project(project_id: str, ctx: Context = Depends(context)) -> Any:
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, "Project", project_id)
-    return resource(policy.require_readable(ctx.principal, row, "Project", project_id))
+        row = await policy.visible(session, ctx.principal, "Project", project_id)
+    return resource(row)
 
 
 @router.patch("/projects/{project_id}", response_model=Project, tags=["projects"])

@@ -20,7 +20,7 @@ from devyard.server import auth
 from devyard.server.api.responses import JSONResponse
 from devyard.server.state import ServerState
 from devyard.server.store import resources
-from devyard.server.store.errors import Conflict, StoreError, Unauthenticated
+from devyard.server.store.errors import StaleWrite, StoreError, Unauthenticated
 
 __all__ = ["Context", "anonymous", "context", "error_response", "install_error_handlers"]
 
@@ -80,8 +80,8 @@ class Context:
             try:
                 async with self.write() as tx:
                     return await work(tx)
-            except Conflict as exc:
-                if attempt == attempts - 1 or "changed meanwhile" not in exc.message:
+            except StaleWrite:
+                if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
 

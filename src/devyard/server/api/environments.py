@@ -10,7 +10,7 @@ from devyard.server import policy
 from devyard.server.api.context import Context, context
 from devyard.server.api.lists import ListParams, list_params, list_response, narrow
 from devyard.server.api.responses import ERRORS, JSONResponse, resource
-from devyard.server.store import environments, resources, secrets
+from devyard.server.store import environments, secrets
 from devyard.wire.environments import (
     DesiredPhase,
     Environment,
@@ -51,6 +51,7 @@ async def create_environment(body: EnvironmentCreate, ctx: Context = Depends(con
         # A per-user limit counts what exists: check and create in one transaction.
         row = await ctx.transact(lambda tx: environments.create(tx, ctx.principal, body), retry=False)
     else:
+        assert ctx.state.group_commit is not None, "started by the app's lifespan"
         await ctx.state.group_commit.submit(ctx.actor, lambda tx: tx.create(row))
     return resource(row, 201)
 
@@ -58,8 +59,8 @@ async def create_environment(body: EnvironmentCreate, ctx: Context = Depends(con
 @router.get("/{environment_id}", response_model=Environment)
 async def get_environment(environment_id: str, ctx: Context = Depends(context)) -> Any:
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, KIND, environment_id)
-    return resource(policy.require_readable(ctx.principal, row, KIND, environment_id))
+        row = await policy.visible(session, ctx.principal, KIND, environment_id)
+    return resource(row)
 
 
 @router.patch("/{environment_id}", response_model=Environment)
@@ -98,9 +99,7 @@ async def write_environment_status(
 async def environment_secrets(environment_id: str, ctx: Context = Depends(context)) -> Any:
     """The decrypted secrets of an environment, for the runner it is assigned to only."""
     async with ctx.state.database.read() as session:
-        row = policy.require_readable(
-            ctx.principal, await resources.get(session, KIND, environment_id), KIND, environment_id
-        )
+        row = await policy.visible(session, ctx.principal, KIND, environment_id)
         environments.require_owning_runner(ctx.principal, row)
         values = await secrets.values_for_environment(session, row, ctx.state.secrets)
     return JSONResponse(values)

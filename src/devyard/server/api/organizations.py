@@ -61,8 +61,8 @@ async def create_organization(body: OrganizationCreate, ctx: Context = Depends(c
 @router.get("/organizations/{organization_id}", response_model=Organization)
 async def get_organization(organization_id: str, ctx: Context = Depends(context)) -> Any:
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, "Organization", organization_id)
-    return resource(policy.require_readable(ctx.principal, row, "Organization", organization_id))
+        row = await policy.visible(session, ctx.principal, "Organization", organization_id)
+    return resource(row)
 
 
 @router.patch("/organizations/{organization_id}", response_model=Organization)
@@ -102,8 +102,8 @@ async def create_user(body: UserCreate, ctx: Context = Depends(context)) -> Any:
 @router.get("/users/{user_id}", response_model=User)
 async def get_user(user_id: str, ctx: Context = Depends(context)) -> Any:
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, "User", user_id)
-    return resource(policy.require_readable(ctx.principal, row, "User", user_id))
+        row = await policy.visible(session, ctx.principal, "User", user_id)
+    return resource(row)
 
 
 @router.patch("/users/{user_id}", response_model=User)

@@ -56,8 +56,8 @@ async def exchange(body: RunnerExchange, anon: Anonymous = Depends(anonymous)) -
 @router.get("/{runner_id}", response_model=Runner)
 async def get_runner(runner_id: str, ctx: Context = Depends(context)) -> Any:
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, KIND, runner_id)
-    return resource(policy.require_readable(ctx.principal, row, KIND, runner_id))
+        row = await policy.visible(session, ctx.principal, KIND, runner_id)
+    return resource(row)
 
 
 @router.patch("/{runner_id}", response_model=Runner)

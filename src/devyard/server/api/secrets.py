@@ -10,7 +10,7 @@ from devyard.server import policy
 from devyard.server.api.context import Context, context
 from devyard.server.api.lists import ListParams, list_params, list_response, narrow
 from devyard.server.api.responses import ERRORS, resource
-from devyard.server.store import resources, secrets
+from devyard.server.store import secrets
 from devyard.wire.meta import ListResponse
 from devyard.wire.secrets import Secret, SecretCreate, SecretPatch
 
@@ -36,8 +36,8 @@ async def create_secret(body: SecretCreate, ctx: Context = Depends(context)) -> 
 @router.get("/{secret_id}", response_model=Secret)
 async def get_secret(secret_id: str, ctx: Context = Depends(context)) -> Any:
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, KIND, secret_id)
-    return resource(policy.require_readable(ctx.principal, row, KIND, secret_id))
+        row = await policy.visible(session, ctx.principal, KIND, secret_id)
+    return resource(row)
 
 
 @router.patch("/{secret_id}", response_model=Secret)

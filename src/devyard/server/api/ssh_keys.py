@@ -44,8 +44,8 @@ async def add_ssh_key(body: SSHKeyCreate, ctx: Context = Depends(context)) -> An
 @router.get("/{key_id}", response_model=SSHKey)
 async def get_ssh_key(key_id: str, ctx: Context = Depends(context)) -> Any:
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, KIND, key_id)
-    return resource(policy.require_readable(ctx.principal, row, KIND, key_id))
+        row = await policy.visible(session, ctx.principal, KIND, key_id)
+    return resource(row)
 
 
 @router.delete("/{key_id}", response_model=SSHKey)

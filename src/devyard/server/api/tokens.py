@@ -36,8 +36,8 @@ async def create_token(body: TokenCreate, ctx: Context = Depends(context)) -> An
 @router.get("/{token_id}", response_model=Token)
 async def get_token(token_id: str, ctx: Context = Depends(context)) -> Any:
     async with ctx.state.database.read() as session:
-        row = await resources.get(session, KIND, token_id)
-    return resource(policy.require_readable(ctx.principal, row, KIND, token_id))
+        row = await policy.visible(session, ctx.principal, KIND, token_id)
+    return resource(row)
 
 
 @router.delete("/{token_id}", response_model=Token)

@@ -63,10 +63,7 @@ async def create_class(tx: resources.Tx, principal: Principal, body: Environment
 async def patch_class(
     tx: resources.Tx, principal: Principal, class_id: str, body: EnvironmentClassPatch
 ) -> ResourceRow:
-    row = policy.require_readable(
-        principal, await resources.get(tx.session, "EnvironmentClass", class_id), "EnvironmentClass", class_id
-    )
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "EnvironmentClass", class_id)
     resources.check_version(row, body.resource_version)
     spec_changed = resources.merge_spec(row, body.spec, EnvironmentClassSpec)
     await _check_runners(tx.session, row.organization_id or "", row.spec.get("runner_ids", []))
@@ -78,10 +75,7 @@ async def patch_class(
 
 
 async def delete_class(tx: resources.Tx, principal: Principal, class_id: str) -> ResourceRow:
-    row = policy.require_readable(
-        principal, await resources.get(tx.session, "EnvironmentClass", class_id), "EnvironmentClass", class_id
-    )
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "EnvironmentClass", class_id)
     users = await tx.session.scalar(
         select(ResourceRow.id)
         .where(ResourceRow.kind == "Environment", ResourceRow.spec["class_id"].as_string() == class_id)
@@ -121,10 +115,7 @@ async def create_project(tx: resources.Tx, principal: Principal, body: ProjectCr
 
 
 async def patch_project(tx: resources.Tx, principal: Principal, project_id: str, body: ProjectPatch) -> ResourceRow:
-    row = policy.require_readable(
-        principal, await resources.get(tx.session, "Project", project_id), "Project", project_id
-    )
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "Project", project_id)
     resources.check_version(row, body.resource_version)
     spec_changed = resources.merge_spec(row, body.spec, ProjectSpec)
     await _check_class(tx.session, row.organization_id or "", row.spec.get("class_id"))
@@ -134,9 +125,6 @@ async def patch_project(tx: resources.Tx, principal: Principal, project_id: str,
 
 
 async def delete_project(tx: resources.Tx, principal: Principal, project_id: str) -> ResourceRow:
-    row = policy.require_readable(
-        principal, await resources.get(tx.session, "Project", project_id), "Project", project_id
-    )
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "Project", project_id)
     tx.remove(row)
     return row

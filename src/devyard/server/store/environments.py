@@ -137,14 +137,8 @@ def _with_project_defaults(spec: EnvironmentSpec, project: ResourceRow) -> Envir
     return spec.model_copy(update=update) if update else spec
 
 
-async def _visible(session: AsyncSession, principal: Principal, env_id: str) -> ResourceRow:
-    row = await resources.get(session, KIND, env_id)
-    return policy.require_readable(principal, row, KIND, env_id)
-
-
 async def patch(tx: resources.Tx, principal: Principal, env_id: str, body: EnvironmentPatch) -> ResourceRow:
-    row = await _visible(tx.session, principal, env_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, KIND, env_id)
     resources.check_version(row, body.resource_version)
     deleting = row.spec.get("desired_phase") == DesiredPhase.DELETED
     if deleting and body.spec is not None and body.spec.desired_phase not in (None, DesiredPhase.DELETED):
@@ -186,8 +180,7 @@ async def patch(tx: resources.Tx, principal: Principal, env_id: str, body: Envir
 
 async def delete(tx: resources.Tx, principal: Principal, env_id: str, resource_version: str | None) -> ResourceRow:
     """Ask for deletion; the record goes when its runner confirms (at once when it never had one)."""
-    row = await _visible(tx.session, principal, env_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, KIND, env_id)
     resources.check_version(row, resource_version)
     if row.spec.get("desired_phase") != DesiredPhase.DELETED:
         row.spec = {**row.spec, "desired_phase": DesiredPhase.DELETED.value}
@@ -208,7 +201,7 @@ async def write_status(
     tx: resources.Tx, principal: Principal, env_id: str, body: EnvironmentStatusWrite
 ) -> ResourceRow | None:
     """The owning runner reports what it observes. Returns None when that report completed a deletion."""
-    row = policy.require_readable(principal, await resources.get(tx.session, KIND, env_id), KIND, env_id)
+    row = await policy.visible(tx.session, principal, KIND, env_id)
     require_owning_runner(principal, row)
     resources.check_version(row, body.resource_version)
     reported = body.status.model_dump(mode="json")

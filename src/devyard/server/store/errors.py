@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Conflict", "Forbidden", "Gone", "Invalid", "NotFound", "StoreError", "Unauthenticated"]
+__all__ = ["Conflict", "Forbidden", "Gone", "Invalid", "NotFound", "StaleWrite", "StoreError", "Unauthenticated"]
 
 
 class StoreError(Exception):
@@ -44,6 +44,10 @@ class Conflict(StoreError):
 
     status = 409
     code = "conflict"
+
+
+class StaleWrite(Conflict):
+    """A concurrent write got to the row first. Worth retrying when the caller pinned no resource_version."""
 
 
 class Gone(StoreError):

@@ -81,10 +81,7 @@ async def create_organization(tx: resources.Tx, principal: Principal, body: Orga
 async def patch_organization(
     tx: resources.Tx, principal: Principal, org_id: str, body: OrganizationPatch
 ) -> ResourceRow:
-    row = policy.require_readable(
-        principal, await resources.get(tx.session, "Organization", org_id), "Organization", org_id
-    )
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "Organization", org_id)
     resources.check_version(row, body.resource_version)
     spec_changed = resources.merge_spec(row, body.spec, OrganizationSpec)
     labels_changed = resources.merge_metadata(row, body.metadata)
@@ -93,10 +90,7 @@ async def patch_organization(
 
 
 async def delete_organization(tx: resources.Tx, principal: Principal, org_id: str) -> ResourceRow:
-    row = policy.require_readable(
-        principal, await resources.get(tx.session, "Organization", org_id), "Organization", org_id
-    )
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "Organization", org_id)
     for kind in ("Environment", "Runner"):
         left = await resources.count(tx.session, kind, resources.Query(organization_ids=[org_id]))
         if left:
@@ -143,8 +137,7 @@ async def create_user(tx: resources.Tx, principal: Principal, body: UserCreate) 
 
 
 async def patch_user(tx: resources.Tx, principal: Principal, user_id: str, body: UserPatch) -> ResourceRow:
-    row = policy.require_readable(principal, await resources.get(tx.session, "User", user_id), "User", user_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "User", user_id)
     resources.check_version(row, body.resource_version)
     spec_patch = body.spec
     suspended = None
@@ -192,10 +185,7 @@ async def create_membership(tx: resources.Tx, principal: Principal, body: Member
 async def patch_membership(
     tx: resources.Tx, principal: Principal, membership_id: str, body: MembershipPatch
 ) -> ResourceRow:
-    row = policy.require_readable(
-        principal, await resources.get(tx.session, "Membership", membership_id), "Membership", membership_id
-    )
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "Membership", membership_id)
     resources.check_version(row, body.resource_version)
     if body.spec.role is not None and body.spec.role.value != row.spec["role"]:
         if row.spec["role"] == Role.ADMIN.value and await _admins(tx.session, row.organization_id or "") <= 1:
@@ -206,10 +196,7 @@ async def patch_membership(
 
 
 async def delete_membership(tx: resources.Tx, principal: Principal, membership_id: str) -> ResourceRow:
-    row = policy.require_readable(
-        principal, await resources.get(tx.session, "Membership", membership_id), "Membership", membership_id
-    )
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "Membership", membership_id)
     if row.spec["role"] == Role.ADMIN.value and await _admins(tx.session, row.organization_id or "") <= 1:
         raise Conflict("this is the organization's last admin: make another admin first")
     tx.remove(row)

@@ -29,19 +29,29 @@ from devyard.server.database.tables import (
     ResourceRow,
     RevisionRow,
 )
-from devyard.server.store.errors import Conflict, Invalid, NotFound
+from devyard.server.store.errors import Conflict, Invalid, NotFound, StaleWrite
 from devyard.wire import ids
 from devyard.wire.meta import MetadataPatch
 
 __all__ = [
+    "LABEL_KEY_MAX",
+    "LABEL_VALUE_MAX",
     "NOTIFY_CHANNEL",
+    "SYSTEM",
     "Actor",
+    "ChangeLike",
     "ListPage",
     "Query",
     "Tx",
+    "check_labels",
+    "check_version",
+    "count",
     "current_revision",
     "get",
     "list_page",
+    "merge_metadata",
+    "merge_spec",
+    "name_from",
     "new_row",
     "parse_resource_version",
     "render",
@@ -451,7 +461,7 @@ class Tx:
                 session.add_all(self._later)
                 await session.flush()
         except StaleDataError:
-            raise Conflict("the resource changed meanwhile; read it again and retry") from None
+            raise StaleWrite("the resource changed meanwhile; read it again and retry") from None
         except IntegrityError as exc:
             raise Conflict(_integrity_message(exc)) from None
         labelled = [w.row for w in self._writes if w.labels_changed and w.type != "DELETED"]
@@ -566,16 +576,3 @@ def _integrity_message(exc: IntegrityError) -> str:
 async def count(session: AsyncSession, kind: str, query: Query) -> int:
     statement = query.apply(select(func.count()).select_from(ResourceRow).where(ResourceRow.kind == kind))
     return int((await session.execute(statement)).scalar_one())
-
-
-__all__ += [
-    "LABEL_KEY_MAX",
-    "LABEL_VALUE_MAX",
-    "SYSTEM",
-    "check_labels",
-    "check_version",
-    "count",
-    "merge_metadata",
-    "merge_spec",
-    "name_from",
-]

@@ -52,8 +52,7 @@ async def new_exchange_token(
     tx: resources.Tx, principal: Principal, runner_id: str, ttl: float
 ) -> tuple[ResourceRow, str, datetime]:
     """A fresh exchange token for an existing runner (a reinstalled host); earlier ones stop working."""
-    row = policy.require_readable(principal, await resources.get(tx.session, KIND, runner_id), KIND, runner_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, KIND, runner_id)
     await tx.session.execute(
         update(CredentialRow)
         .where(CredentialRow.token_id == row.id, CredentialRow.principal_type == "exchange")
@@ -93,8 +92,7 @@ async def exchange(tx: resources.Tx, secret: str) -> tuple[ResourceRow, str]:
 
 
 async def patch(tx: resources.Tx, principal: Principal, runner_id: str, body: RunnerPatch) -> ResourceRow:
-    row = policy.require_readable(principal, await resources.get(tx.session, KIND, runner_id), KIND, runner_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, KIND, runner_id)
     resources.check_version(row, body.resource_version)
     spec_changed = resources.merge_spec(row, body.spec, RunnerSpec)
     labels_changed = resources.merge_metadata(row, body.metadata)
@@ -103,8 +101,7 @@ async def patch(tx: resources.Tx, principal: Principal, runner_id: str, body: Ru
 
 
 async def delete(tx: resources.Tx, principal: Principal, runner_id: str) -> ResourceRow:
-    row = policy.require_readable(principal, await resources.get(tx.session, KIND, runner_id), KIND, runner_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, KIND, runner_id)
     assigned = await resources.count(tx.session, "Environment", resources.Query(runner_id=row.id))
     if assigned:
         raise Conflict(f"runner {row.name} still has {assigned} environments: delete them first")
@@ -114,7 +111,7 @@ async def delete(tx: resources.Tx, principal: Principal, runner_id: str) -> Reso
 
 async def write_status(tx: resources.Tx, principal: Principal, runner_id: str, body: RunnerStatusWrite) -> ResourceRow:
     """A runner's heartbeat: what it reports, plus the time the server heard it and phase online."""
-    row = policy.require_readable(principal, await resources.get(tx.session, KIND, runner_id), KIND, runner_id)
+    row = await policy.visible(tx.session, principal, KIND, runner_id)
     if not principal.is_runner or principal.id != runner_id:
         raise Forbidden(f"only runner {row.name} itself reports its status")
     resources.check_version(row, body.resource_version)

@@ -51,8 +51,7 @@ async def create(tx: resources.Tx, principal: Principal, body: SecretCreate, box
 
 
 async def patch(tx: resources.Tx, principal: Principal, secret_id: str, body: SecretPatch, box: Sealer) -> ResourceRow:
-    row = policy.require_readable(principal, await resources.get(tx.session, "Secret", secret_id), "Secret", secret_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "Secret", secret_id)
     resources.check_version(row, body.resource_version)
     value = await tx.session.get(SecretValueRow, row.id)
     if value is None:
@@ -64,8 +63,7 @@ async def patch(tx: resources.Tx, principal: Principal, secret_id: str, body: Se
 
 
 async def delete(tx: resources.Tx, principal: Principal, secret_id: str) -> ResourceRow:
-    row = policy.require_readable(principal, await resources.get(tx.session, "Secret", secret_id), "Secret", secret_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, "Secret", secret_id)
     tx.remove(row)
     return row
 

@@ -79,8 +79,7 @@ async def create(tx: resources.Tx, principal: Principal, body: SSHKeyCreate) -> 
 
 
 async def delete(tx: resources.Tx, principal: Principal, key_id: str) -> ResourceRow:
-    row = policy.require_readable(principal, await resources.get(tx.session, KIND, key_id), KIND, key_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, KIND, key_id)
     tx.remove(row)
     return row
 

@@ -61,8 +61,7 @@ async def create(tx: resources.Tx, principal: Principal, body: TokenCreate) -> t
 
 
 async def revoke(tx: resources.Tx, principal: Principal, token_id: str) -> ResourceRow:
-    row = policy.require_readable(principal, await resources.get(tx.session, KIND, token_id), KIND, token_id)
-    policy.check_write(principal, row)
+    row = await policy.changeable(tx.session, principal, KIND, token_id)
     if row.status.get("revoked_at") is None:
         now = resources.utcnow()
         row.status = {**row.status, "revoked_at": now.isoformat()}
