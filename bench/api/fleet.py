@@ -107,6 +107,7 @@ async def _run_fleet(options: argparse.Namespace, admin_token: str, stop: asynci
                 state_dir=options.state_dir / name,
                 hostname=name,
                 capacity=options.capacity,
+                runtime="fake",
                 fake_persist=False,
                 log_level="WARNING",
             )

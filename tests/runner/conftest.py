@@ -29,6 +29,7 @@ def fast_settings(
         "server": server,
         "exchange_token": token,
         "state_dir": state_dir,
+        "runtime": "fake",
         "workers": 4,
         "hostname": "test-host",
         "heartbeat_interval": 0.2,

@@ -17,13 +17,22 @@ Contract for implementations:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-__all__ = ["ContainerSpec", "ContainerState", "ContainerStatus", "ExecResult", "Runtime"]
+__all__ = [
+    "ContainerSpec",
+    "ContainerState",
+    "ContainerStatus",
+    "ExecProcess",
+    "ExecRequest",
+    "ExecResult",
+    "Runtime",
+]
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,47 @@ class ExecResult:
     stderr: bytes = b""
 
 
+@dataclass(frozen=True)
+class ExecRequest:
+    """A process to start inside a running container, with its streams attached (``Runtime.open_exec``)."""
+
+    argv: Sequence[str]
+    #: Added to (and overriding) the container's environment variables.
+    env: Mapping[str, str] = field(default_factory=dict)
+    #: Give the process a terminal: stdout and stderr become one stream, and ``resize`` works.
+    tty: bool = False
+    #: The terminal's size, ``(rows, columns)``, when ``tty``.
+    size: tuple[int, int] | None = None
+    #: The working directory; None: the container's.
+    cwd: str | None = None
+    #: ``user``, ``uid`` or ``uid:gid`` inside; None: the container's user.
+    user: str | None = None
+
+
+class ExecProcess(Protocol):
+    """A process running inside a container, as ``Runtime.open_exec`` started it.
+
+    The caller writes ``stdin`` (closing it sends end of file), reads ``stdout`` and ``stderr`` until end of
+    file, and ``wait``s for the exit code. With a TTY, ``stderr`` is None: everything comes on ``stdout``.
+    """
+
+    stdin: asyncio.StreamWriter
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader | None
+
+    async def resize(self, rows: int, columns: int) -> None:
+        """Set the terminal's size; nothing without a TTY."""
+        ...
+
+    async def signal(self, number: int) -> None:
+        """Send signal ``number`` to the process; nothing if it has exited."""
+        ...
+
+    async def wait(self) -> int:
+        """The exit code once the process exits: its status, or 128 + N when signal N killed it."""
+        ...
+
+
 class Runtime(Protocol):
     """Runs the containers of one runner's environments."""
 
@@ -104,6 +154,11 @@ class Runtime(Protocol):
         timeout: float | None = None,
     ) -> ExecResult:
         """Run ``argv`` inside the running container and wait for it."""
+        ...
+
+    async def open_exec(self, environment_id: str, request: ExecRequest) -> ExecProcess:
+        """Start ``request`` inside the running container and return it with its streams; the caller waits.
+        Raises ``errors.ContainerNotRunning`` when the container is not running."""
         ...
 
     async def inspect(self, environment_id: str) -> ContainerStatus | None:

@@ -5,7 +5,9 @@ Read by ``main.run_runner`` and the ``Agent``; the local daemon builds one for i
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from devyard.runner.fake_runtime import OPERATIONS
 
-__all__ = ["RunnerSettings"]
+__all__ = ["RunnerSettings", "default_runtime"]
+
+
+def default_runtime() -> Literal["fake", "linux"]:
+    """``linux`` on Linux as root (what it needs to make namespaces, mounts and cgroups), else ``fake``."""
+    return "linux" if sys.platform == "linux" and os.geteuid() == 0 else "fake"
 
 
 class RunnerSettings(BaseSettings):
@@ -26,7 +33,7 @@ class RunnerSettings(BaseSettings):
     #: credential in its state directory.
     exchange_token: str | None = None
     state_dir: Path = Path("/var/lib/devyard/runner")
-    runtime: Literal["fake"] = "fake"
+    runtime: Literal["fake", "linux"] = Field(default_factory=default_runtime)
     #: Reconciles that may run at once.
     workers: int = Field(default=8, ge=1, le=1000)
     #: How many environments this runner offers to hold (the scheduler assigns no more).
@@ -48,6 +55,22 @@ class RunnerSettings(BaseSettings):
     #: The image of environments whose spec names none.
     default_image: str = "mcr.microsoft.com/devcontainers/base:ubuntu"
     log_level: str = "INFO"
+
+    #: Registries (``HOST:PORT``) reached over plain http instead of https.
+    insecure_registries: list[str] = Field(default_factory=list)
+    #: The host ids that ids 0.. inside every environment map to (the user namespace), and how many.
+    id_range_start: int = Field(default=1_000_000, ge=1)
+    id_range_size: int = Field(default=65536, ge=1, le=1 << 24)
+    #: The network the runner's bridge gives environments their addresses from.
+    network_subnet: str = "10.89.0.0/16"
+    #: The runner's bridge; each environment gets a veth pair to it.
+    bridge: str = Field(default="devyard0", min_length=1, max_length=15)
+    #: Seconds a stopping environment gets between SIGTERM and SIGKILL.
+    stop_timeout: float = Field(default=10.0, ge=0)
+    #: Where the runner's gateway (exec, and later SSH and ports) listens, ``HOST:PORT``.
+    gateway_listen: str = "0.0.0.0:7481"
+    #: The gateway's URL as users reach it; default: from ``gateway_listen`` and ``hostname``.
+    gateway_url: str | None = None
 
     #: The fake runtime: seconds per operation (``pull``, ``create``, ``start``, ``stop``, ``delete``,
     #: ``exec``, ``inspect``, ``list``).
