@@ -1,0 +1,36 @@
+"""What the tests of the linux runtime need from the host: root, Linux, and some programs (runc, nft...).
+
+``require(*programs)`` skips a test that cannot run here, except under ``CI=true``, where a missing
+prerequisite fails the test: CI installs everything (``scripts/setup``), so a skip there would hide a broken
+setup as a green run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+__all__ = ["in_ci", "require"]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(*programs: str) -> None:
+    """Skip (or, in CI, fail) unless this is Linux, we are root, and every program is on PATH."""
+    missing: list[str] = []
+    if sys.platform != "linux":
+        missing.append("Linux")
+    elif os.geteuid() != 0:
+        missing.append("root")
+    missing += [program for program in programs if shutil.which(program) is None]
+    if not missing:
+        return
+    reason = f"needs {', '.join(missing)} (scripts/setup installs the programs)"
+    if in_ci():
+        pytest.fail(f"CI=true and this host lacks what the test {reason}", pytrace=False)
+    pytest.skip(reason)
