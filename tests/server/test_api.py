@@ -204,6 +204,26 @@ def test_secret_values_are_encrypted_at_rest_and_never_read_back(server: LiveSer
     assert [(v["target"], v["value"]) for v in values] == [("API_KEY", value)]
 
 
+def test_a_registry_credential_must_name_a_host_and_hold_user_and_password(admin_client: Client) -> None:
+    def refused(spec: dict[str, str]) -> str:
+        with pytest.raises(ApiError) as exc:
+            admin_client.post("/api/v1/secrets", {"spec": {"type": "registry_credential", **spec}})
+        assert exc.value.status == 422
+        return str(exc.value)
+
+    assert "USERNAME:PASSWORD" in refused({"target": "ghcr.io", "value": "no-colon"})
+    assert "registry's host" in refused({"target": "https://ghcr.io/x", "value": "u:p"})
+    secret = admin_client.post(
+        "/api/v1/secrets", {"spec": {"type": "registry_credential", "target": "127.0.0.1:5000", "value": "u:p:w"}}
+    )
+    path = f"/api/v1/secrets/{secret['metadata']['id']}"
+    with pytest.raises(ApiError) as exc:
+        admin_client.patch(path, {"value": "still-no-colon"})
+    assert exc.value.status == 400
+    assert "USERNAME:PASSWORD" in str(exc.value)
+    admin_client.patch(path, {"value": "user:new-password"})
+
+
 def test_ssh_keys_are_parsed_and_fingerprinted(admin_client: Client) -> None:
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl user@host"
     added = admin_client.post("/api/v1/ssh-keys", {"metadata": {"name": "laptop"}, "spec": {"public_key": key}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 
 from pydantic import Field, model_validator
 
@@ -19,6 +20,10 @@ __all__ = [
     "SecretType",
     "SecretValue",
 ]
+
+
+#: A registry's host name or address, with an optional port.
+_REGISTRY_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?")
 
 
 class SecretScope(enum.StrEnum):
@@ -57,6 +62,11 @@ class SecretSpec(WriteModel):
             raise ValueError("a file secret's target must be an absolute path")
         if self.type == SecretType.ENVIRONMENT_VARIABLE and not self.target.replace("_", "a").isalnum():
             raise ValueError("an environment variable's name may hold only letters, digits and '_'")
+        if self.type == SecretType.REGISTRY_CREDENTIAL:
+            if not _REGISTRY_HOST.fullmatch(self.target):
+                raise ValueError("a registry credential's target is the registry's host, as in ghcr.io or host:5000")
+            if ":" not in self.value:
+                raise ValueError("a registry credential's value is USERNAME:PASSWORD")
         return self
 
 

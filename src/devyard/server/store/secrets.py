@@ -13,7 +13,7 @@ from devyard.server.auth import Principal
 from devyard.server.database.tables import ResourceRow, SecretValueRow
 from devyard.server.store import resources
 from devyard.server.store.errors import Forbidden, Invalid
-from devyard.wire.secrets import SecretCreate, SecretPatch, SecretScope
+from devyard.wire.secrets import SecretCreate, SecretPatch, SecretScope, SecretType
 
 __all__ = ["Sealer", "create", "delete", "patch", "values_for_environment"]
 
@@ -53,6 +53,8 @@ async def create(tx: resources.Tx, principal: Principal, body: SecretCreate, box
 async def patch(tx: resources.Tx, principal: Principal, secret_id: str, body: SecretPatch, box: Sealer) -> ResourceRow:
     row = await policy.changeable(tx.session, principal, "Secret", secret_id)
     resources.check_version(row, body.resource_version)
+    if row.spec.get("type") == SecretType.REGISTRY_CREDENTIAL and ":" not in body.value:
+        raise Invalid("a registry credential's value is USERNAME:PASSWORD")
     value = await tx.session.get(SecretValueRow, row.id)
     if value is None:
         tx.add_after(SecretValueRow(secret_id=row.id, ciphertext=box.seal(body.value)))
