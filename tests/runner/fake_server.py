@@ -1,7 +1,8 @@
 """A small fake of the management plane for the runner's unit tests, behind the real client's interface.
 
 It answers, through ``httpx.MockTransport``, the few endpoints a runner uses (``docs/api.md``): the token
-exchange, the runner heartbeat, list and watch of environments, and environment status writes. Tests drive the
+exchange, the runner heartbeat, list and watch of environments, environment status writes, and an
+environment's secrets (from ``secrets``). Tests drive the
 user's side with plain methods (``create_environment``, ``set_desired``, ``delete_environment``) and make the
 server go away and come back. Tests assert on its resulting state, never on the requests it saw.
 
@@ -53,6 +54,8 @@ class FakeServer:
         self.status_writes: dict[str, int] = {}
         self.heartbeats: dict[str, int] = {}
         self.runner_status: dict[str, Any] = {}
+        #: Environment id -> the secrets its runner receives (``wire.secrets.SecretValue`` as JSON).
+        self.secrets: dict[str, list[dict[str, str]]] = {}
         self.down = False
         self._exchange_tokens: dict[str, str] = {}
         self._credentials: dict[str, str] = {}
@@ -206,6 +209,11 @@ class FakeServer:
             return self._list(runner_id, int(query.get("page_size", "100")), int(query.get("page_token", "0")))
         if method == "PUT" and len(parts) == 5 and parts[2] == "environments" and parts[4] == "status":
             return self._write_status(runner_id, parts[3], request.content)
+        if method == "GET" and len(parts) == 5 and parts[2] == "environments" and parts[4] == "secrets":
+            environment = self.environments.get(parts[3])
+            if environment is None or environment.status.runner_id != runner_id:
+                return _error(404, "not_found", f"environment {parts[3]} not found")
+            return httpx.Response(200, json=self.secrets.get(parts[3], []))
         return _error(404, "not_found", f"no route {method} {path}")
 
     def _exchange(self, body: dict[str, Any]) -> httpx.Response:

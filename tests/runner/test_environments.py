@@ -257,3 +257,46 @@ async def test_nothing_is_removed_while_the_server_is_unreachable(world: World) 
     await eventually(lambda: world.informer.synced, what="the informer to list again")
     await world.reconciler.reconcile("env_orphan")
     assert await world.runtime.inspect("env_orphan") is None
+
+
+async def test_secrets_become_variables_and_registry_credentials_of_the_container(world: World) -> None:
+    env_id = world.server.create_environment(world.runner_id, image="127.0.0.1:5000/dev:1", env={"SHARED": "spec"})
+    world.server.secrets[env_id] = [
+        {"id": "sec_1", "name": "a", "type": "environment_variable", "target": "API_KEY", "value": "k"},
+        {"id": "sec_2", "name": "b", "type": "environment_variable", "target": "SHARED", "value": "secret"},
+        {"id": "sec_3", "name": "c", "type": "registry_credential", "target": "127.0.0.1:5000", "value": "u:p:q"},
+        {"id": "sec_4", "name": "d", "type": "file", "target": "/home/dev/.npmrc", "value": "x"},
+    ]
+    await world.seen(env_id)
+    await world.reconciler.reconcile(env_id)
+    container = await world.runtime.inspect(env_id)
+    assert container is not None
+    assert container.spec.env == {"API_KEY": "k", "SHARED": "spec"}  # the spec's own variables win
+    assert container.spec.registry_credentials == {"127.0.0.1:5000": ("u", "p:q")}
+    assert "p:q" not in repr(container.spec)
+
+
+async def test_an_environment_whose_secrets_are_refused_fails_with_the_reason(world: World) -> None:
+    env_id = world.server.create_environment(world.runner_id)
+    await world.seen(env_id)
+    world.server.environments[env_id].status.runner_id = "run_someone_else"  # the server now refuses them
+    with pytest.raises(PermanentError, match="secrets"):
+        await world.reconciler.reconcile(env_id)
+    assert await world.runtime.inspect(env_id) is None
+
+
+async def test_a_slow_create_reports_its_phase_and_the_runtimes_progress(world: World) -> None:
+    world.runtime.set_delay("create", 1.5)
+    env_id = world.server.create_environment(world.runner_id)
+    await world.seen(env_id)
+    reconcile = asyncio.create_task(world.reconciler.reconcile(env_id))
+
+    def creating_with_progress() -> bool:
+        status = world.status(env_id).status
+        return status.phase is EnvironmentPhase.CREATING and "creating the container" in status.message
+
+    await eventually(creating_with_progress, what="the creating phase with the runtime's progress")
+    await reconcile
+    status = world.status(env_id).status
+    assert status.phase is EnvironmentPhase.RUNNING
+    assert status.message == ""

@@ -34,6 +34,8 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Final, TypeVar
 
+from pydantic import TypeAdapter
+
 from devyard.client import ApiError, AsyncClient, TransportError
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.controller import Result
@@ -49,6 +51,7 @@ from devyard.wire.environments import (
     EnvironmentStatusWrite,
 )
 from devyard.wire.meta import Condition, ConditionStatus
+from devyard.wire.secrets import SecretType, SecretValue
 
 __all__ = ["READY", "EnvironmentReconciler"]
 
@@ -57,9 +60,11 @@ log = logging.getLogger(__name__)
 #: The condition this reconciler owns: True while the environment runs.
 READY: Final = "Ready"
 #: The timings this reconciler measures; the rest of ``status.timings`` belongs to the server.
-_START_STEPS: Final = ("pull", "create", "start")
+_START_STEPS: Final = ("pull", "unpack", "create", "start")
 #: A start step that takes longer than this has its phase reported while it runs.
 _QUIET_STEP_SECONDS: Final = 0.2
+#: While a slow step runs, what the runtime says of its progress is reported at most this often.
+_PROGRESS_INTERVAL_SECONDS: Final = 1.0
 T = TypeVar("T")
 _LABEL_PREFIX: Final = "devyard.io/"
 
@@ -156,22 +161,30 @@ class EnvironmentReconciler:
 
     async def _step(self, key: str, phase: EnvironmentPhase, work: Awaitable[T]) -> T:
         """Do a step of a start; report its phase only if it takes a while. A fast start then costs one status
-        write instead of three, and a slow one (a large image) still shows what it is doing at once."""
+        write instead of three, and a slow one (a large image) still shows what it is doing at once, and then
+        what the runtime says of its progress (bytes pulled), about once a second."""
         task = asyncio.ensure_future(work)
         done, _ = await asyncio.wait({task}, timeout=_QUIET_STEP_SECONDS)
-        if not done or task.cancelled() or task.exception() is not None:
+        try:
+            if done and not task.cancelled() and task.exception() is None:
+                return task.result()
             # Slow, or failed: either way the user should see which step it is at.
-            try:
-                await self._report(key, phase)
-            except BaseException:
-                await asyncio.wait({task})  # never leave a step half-done behind an error of the report
-                raise
+            await self._report(key, phase, message=self._runtime.progress(key) or "")
+            while not done:
+                done, _ = await asyncio.wait({task}, timeout=_PROGRESS_INTERVAL_SECONDS)
+                if not done:
+                    await self._report(key, phase, message=self._runtime.progress(key) or "")
+        except BaseException:
+            await asyncio.wait({task})  # never leave a step half-done behind an error of the report
+            raise
         return await task
 
     async def _container_spec(self, environment: Environment) -> ContainerSpec:
         metadata = environment.metadata
         spec = environment.spec
         cpu, memory_mib, disk_gib = await self._class_limits(spec.class_id) or (None, None, None)
+        env, registry_credentials = await self._secrets(metadata.id)
+        env.update(spec.env)
         labels = {
             f"{_LABEL_PREFIX}environment": metadata.id,
             f"{_LABEL_PREFIX}name": metadata.name,
@@ -180,13 +193,35 @@ class EnvironmentReconciler:
         return ContainerSpec(
             environment_id=metadata.id,
             image=spec.image or self._default_image,
-            env=dict(spec.env),
+            env=env,
             cpu=cpu,
             memory_mib=memory_mib,
             disk_gib=disk_gib,
             labels=labels,
             generation=metadata.generation,
+            registry_credentials=registry_credentials,
         )
+
+    async def _secrets(self, key: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+        """The environment's secrets the container needs at creation: environment variables, and registry
+        credentials by host. (Files and git credentials are the content's business.)"""
+        try:
+            answer = await self._client.get(f"/api/v1/environments/{key}/secrets")
+        except TransportError as exc:
+            raise TemporaryError(f"cannot read the secrets of {key}: {exc}") from exc
+        except ApiError as exc:
+            if exc.status >= 500 or exc.status in (408, 429):
+                raise TemporaryError(f"cannot read the secrets of {key}: {exc}") from exc
+            raise PermanentError(f"the server refused the secrets of {key}: {exc}") from exc
+        env: dict[str, str] = {}
+        registries: dict[str, tuple[str, str]] = {}
+        for secret in TypeAdapter(list[SecretValue]).validate_python(answer):
+            if secret.type is SecretType.ENVIRONMENT_VARIABLE:
+                env[secret.target] = secret.value
+            elif secret.type is SecretType.REGISTRY_CREDENTIAL:
+                username, _, password = secret.value.partition(":")
+                registries[secret.target] = (username, password)
+        return env, registries
 
     async def _class_limits(self, class_id: str | None) -> tuple[float, int, int] | None:
         if class_id is None:

@@ -22,7 +22,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "ContainerSpec",
@@ -49,6 +49,36 @@ class ContainerSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     #: The environment's ``metadata.generation`` this container was made for.
     generation: int = 0
+    #: Registry host -> (username, password), from the environment's registry-credential secrets. Used to pull
+    #: the image; never written to disk, logged or compared.
+    registry_credentials: Mapping[str, tuple[str, str]] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as a runtime keeps it on disk: everything but the credentials."""
+        return {
+            "environment_id": self.environment_id,
+            "image": self.image,
+            "env": dict(self.env),
+            "cpu": self.cpu,
+            "memory_mib": self.memory_mib,
+            "disk_gib": self.disk_gib,
+            "labels": dict(self.labels),
+            "generation": self.generation,
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> ContainerSpec:
+        """The spec ``to_json`` wrote; raises ``KeyError``, ``TypeError`` or ``ValueError`` on another document."""
+        return cls(
+            environment_id=str(document["environment_id"]),
+            image=str(document["image"]),
+            env={str(k): str(v) for k, v in document["env"].items()},
+            cpu=None if document["cpu"] is None else float(document["cpu"]),
+            memory_mib=None if document["memory_mib"] is None else int(document["memory_mib"]),
+            disk_gib=None if document["disk_gib"] is None else int(document["disk_gib"]),
+            labels={str(k): str(v) for k, v in document["labels"].items()},
+            generation=int(document["generation"]),
+        )
 
 
 class ContainerState(enum.StrEnum):
@@ -159,6 +189,11 @@ class Runtime(Protocol):
     async def open_exec(self, environment_id: str, request: ExecRequest) -> ExecProcess:
         """Start ``request`` inside the running container and return it with its streams; the caller waits.
         Raises ``errors.ContainerNotRunning`` when the container is not running."""
+        ...
+
+    def progress(self, environment_id: str) -> str | None:
+        """A line on how far a slow ``create`` of the container has come (``pulling busybox: 3.1 of 5.0 MB``),
+        or None; the reconciler reports it in the environment's status message while it waits."""
         ...
 
     async def inspect(self, environment_id: str) -> ContainerStatus | None:
