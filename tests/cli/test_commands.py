@@ -270,4 +270,7 @@ def test_process_settings_errors_are_one_line(cli: Cli, tmp_path: Path) -> None:
     listen = cli("server", "--listen", "nowhere", "--state-dir", str(tmp_path), ok=False)
     assert listen.returncode == 2 and "expected HOST:PORT" in listen.stderr
     runtime = cli("runner", "--server", "http://x", "--token", "dyx_t", "--runtime", "vmware", ok=False)
-    assert "invalid input: runtime" in runtime.stderr
+    assert runtime.returncode == 2 and "'vmware' is not one of 'linux', 'fake'" in runtime.stderr
+    workers = cli("runner", "--server", "http://x", "--token", "dyx_t", env={"DEVYARD_RUNNER_WORKERS": "0"}, ok=False)
+    assert "invalid input: workers" in workers.stderr
+    assert len(workers.stderr.strip().splitlines()) == 1

@@ -30,7 +30,19 @@ __all__ = ["runner"]
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the runner keeps its credential and environments.",
 )
-@click.option("--runtime", metavar="NAME", help="How environments run: fake (for now).")
+@click.option(
+    "--runtime",
+    type=click.Choice(["linux", "fake"]),
+    help="How environments run: linux (runc containers; the default as root on Linux) or fake (in memory).",
+)
+@click.option(
+    "--insecure-registry",
+    "insecure_registries",
+    metavar="HOST:PORT",
+    multiple=True,
+    help="Reach this registry over plain http (repeatable).",
+)
+@click.option("--gateway-listen", metavar="HOST:PORT", help="Where the gateway (exec, SSH) listens [0.0.0.0:7481].")
 @click.pass_context
 def runner(
     ctx: click.Context,
@@ -38,18 +50,28 @@ def runner(
     exchange_token: str | None,
     state_dir: Path | None,
     runtime: str | None,
+    insecure_registries: tuple[str, ...],
+    gateway_listen: str | None,
 ) -> None:
     """Run a runner on this host, or manage runners with a subcommand.
 
     \b
-    On the runner's host:   devyard runner --server URL --token EXCHANGE [--state-dir DIR] [--runtime fake]
+    On the runner's host:   devyard runner --server URL --token EXCHANGE [--state-dir DIR] [--runtime linux]
     As an admin:            devyard runner create | list | get | delete
     """
-    given = {"server": server_url, "exchange_token": exchange_token, "state_dir": state_dir, "runtime": runtime}
+    given = {
+        "server": server_url,
+        "exchange_token": exchange_token,
+        "state_dir": state_dir,
+        "runtime": runtime,
+        "insecure_registries": list(insecure_registries) or None,
+        "gateway_listen": gateway_listen,
+    }
     if ctx.invoked_subcommand is not None:
         if any(value is not None for value in given.values()):
             raise click.UsageError(
-                "--server/--token/--state-dir/--runtime before a subcommand run a runner; "
+                "--server/--token/--state-dir/--runtime/--insecure-registry/--gateway-listen before a subcommand "
+                "run a runner; "
                 f"put them after `{ctx.invoked_subcommand}` (`devyard runner {ctx.invoked_subcommand} --help`)"
             )
         return
