@@ -109,6 +109,7 @@ async def _run_fleet(options: argparse.Namespace, admin_token: str, stop: asynci
                 capacity=options.capacity,
                 runtime="fake",
                 fake_persist=False,
+                gateway_listen="",  # fifty gateways in one process would only cost sockets
                 log_level="WARNING",
             )
             agents.append(Agent(settings, stop_grace=2.0))

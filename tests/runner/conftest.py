@@ -39,6 +39,8 @@ def fast_settings(
         "retry_max": 0.1,
         "reconnect_base": 0.01,
         "reconnect_max": 0.1,
+        # No gateway unless a test asks for one (``gateway_listen="127.0.0.1:0"``).
+        "gateway_listen": "",
         **changes,
     }
     return RunnerSettings(**values)

@@ -25,7 +25,8 @@ from devyard.runner.main import run_runner
 from devyard.runner.settings import RunnerSettings
 server, token, state_dir = sys.argv[1:]
 run_runner(RunnerSettings(server=server, exchange_token=token or None, state_dir=state_dir, runtime="fake",
-                          heartbeat_interval=0.3, reconnect_base=0.05, reconnect_max=0.5))
+                          heartbeat_interval=0.3, reconnect_base=0.05, reconnect_max=0.5,
+                          gateway_listen="127.0.0.1:0"))
 """
 
 

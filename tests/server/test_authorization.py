@@ -92,6 +92,7 @@ DELETE /api/v1/runners/{fresh:runner}                          200   404    404 
 DELETE /api/v1/runners/{runner}                                409   404    404     404         403    404     401
 POST   /api/v1/runners/{fresh:runner}/exchange-token           201   404    404     404         403    404     401
 PUT    /api/v1/runners/{runner}/status                         403   404    404     404         200    404     401
+GET    /api/v1/runners/{runner}/gateway-key                    403   404    404     404         200    404     401
 POST   /api/v1/runners/exchange#fresh                          200   200    200     200         200    200     200
 POST   /api/v1/runners/exchange#used                           401   401    401     401         401    401     401
 
@@ -121,6 +122,7 @@ DELETE /api/v1/environments/{fresh:env_member}                 202   202    404 
 PUT    /api/v1/environments/{env_member}/status                403   403    404     404         200    404     401
 PUT    /api/v1/environments/{env_member2}/status               403   404    403     404         404    200     401
 GET    /api/v1/environments/{env_member}/secrets               403   403    404     404         200    404     401
+POST   /api/v1/environments/{env_member}/access                409   409    404     404         403    404     401
 
 GET    /api/v1/secrets                                         200   200    200     200         403    403     401
 POST   /api/v1/secrets                                         201   201    201     404         403    403     401

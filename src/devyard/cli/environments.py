@@ -1,6 +1,8 @@
-"""``devyard env``: create, list, show, start, stop and delete environments.
+"""``devyard env``: create, list, show, start, stop, delete environments, and run commands in them.
 
-Start and stop set ``spec.desired_phase``; the runner does the work, and ``--wait`` follows it there.
+Start and stop set ``spec.desired_phase``; the runner does the work, and ``--wait`` follows it there. ``exec``
+asks the management plane for an access ticket and runs the command through the runner's gateway
+(``_exec_session``).
 """
 
 from __future__ import annotations
@@ -186,6 +188,52 @@ def delete_environment(invocation: Invocation, environment: str, wait: bool, wai
         invocation.emit(answer, lambda _: _render.plain(f"Deleted environment {environment_id}."))
     else:
         invocation.emit(answer, lambda _: _render.plain(f"Deleting environment {environment_id}."))
+
+
+@env.command("exec")
+@click.argument("environment")
+@click.argument("command", nargs=-1, required=True)
+@click.option(
+    "-t",
+    "--tty",
+    "tty",
+    flag_value="yes",
+    help="Give the command a terminal (default: when stdin and stdout are terminals).",
+)
+@click.option("-T", "--no-tty", "tty", flag_value="no", help="Give the command no terminal.")
+@click.option(
+    "-e", "--env", "variables", type=KEY_VALUE, multiple=True, metavar="KEY=VALUE", help="Set a variable (repeatable)."
+)
+@click.option("-w", "--workdir", metavar="DIR", help="The working directory inside the environment.")
+@click.option("-u", "--user", metavar="USER", help="The user inside: a name, a uid or uid:gid.")
+@api_command
+def exec_in_environment(
+    invocation: Invocation,
+    environment: str,
+    command: tuple[str, ...],
+    tty: str | None,
+    variables: tuple[tuple[str, str], ...],
+    workdir: str | None,
+    user: str | None,
+) -> None:
+    """Run COMMAND in the running ENVIRONMENT and exit with its exit code.
+
+    Put -- before the command: devyard env exec my-env -- ls -la. Its output comes as it is written; stdin is
+    passed on. Failures of the session itself (refused, unreachable, cut off) exit with 255.
+    """
+    import os
+    import sys
+
+    from devyard.cli._exec_session import SessionOptions, run_session
+    from devyard.wire.access import EnvironmentAccess
+
+    client = invocation.client()
+    path = _path(invocation, environment)
+    access = EnvironmentAccess.model_validate(client.post(path + "/access"))
+    with_tty = tty == "yes" or (tty is None and os.isatty(sys.stdin.fileno()) and os.isatty(sys.stdout.fileno()))
+    options = SessionOptions(argv=command, tty=with_tty, env=dict(variables), cwd=workdir, user=user)
+    invocation.close()  # the session may last long; the API connection is not needed meanwhile
+    raise SystemExit(run_session(access, options))
 
 
 def _set_desired_phase(invocation: Invocation, reference: str, phase: str, wait: bool, wait_timeout: float) -> None:

@@ -9,7 +9,8 @@ spawns it. In order, it:
 3. as the admin, through the API: registers its runner unless the runner already has a credential the
    server still knows (``POST /runners``, whose exchange token the agent trades for a credential), and makes
    an environment class that runner offers unless one exists;
-4. starts the runner's agent (fake runtime) against its own URL and writes ``daemon.json``: ready.
+4. starts the runner's agent (fake runtime, its gateway on 127.0.0.1 and a free port) against its own URL and
+   writes ``daemon.json``: ready.
 
 On a signal it stops the agent (containers stay as they are), then the server, and releases the lock.
 """
@@ -103,7 +104,10 @@ async def _serve(state: StateDir, port: int) -> int:
         admin_token = state.read_admin_token()
         if admin_token is None:
             raise SystemExit(f"the server wrote no admin token to {state.server_dir / 'admin-token'}")
-        runner_settings = RunnerSettings(server=url, state_dir=state.runner_dir, runtime="fake")
+        # The gateway on loopback, on any free port: `devyard env exec` reaches it at the URL the runner reports.
+        runner_settings = RunnerSettings(
+            server=url, state_dir=state.runner_dir, runtime="fake", gateway_listen="127.0.0.1:0"
+        )
         async with AsyncClient(url, admin_token) as client:
             runner_id, exchange_token = await _ensure_runner(client, runner_settings.credential_path())
             await _ensure_class(client, runner_id)

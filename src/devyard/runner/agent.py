@@ -12,7 +12,11 @@ inside their own event loop. ``Agent.run()`` does, in order:
      garbage collection after a start or a reconnect);
    - the controller: ``workers`` workers running the environment reconciler;
    - the resync: every ``resync_interval`` (jittered) every known environment and container is queued again,
-     so drift on the host is corrected even when nothing changes on the server.
+     so drift on the host is corrected even when nothing changes on the server;
+   - the gateway (``gateway.Gateway``), unless ``gateway_listen`` is empty: it fetches the runner's gateway
+     key (``GET /api/v1/runners/{id}/gateway-key``, retried with backoff), listens (a port that cannot be
+     bound is retried too, loudly), and from then on the heartbeat reports its URL in
+     ``status.gateway.http_url`` (a heartbeat goes out at once when it starts). Its sessions end on ``stop()``.
 3. On ``stop()``: the queue stops handing out work, reconciles in flight get ``stop_grace`` seconds to
    finish, everything else is cancelled, the runtime is closed. Containers keep running.
 
@@ -39,12 +43,14 @@ from devyard.runner.controller import Controller
 from devyard.runner.environments import EnvironmentReconciler
 from devyard.runner.errors import CredentialError
 from devyard.runner.fake_runtime import FakeRuntime, FakeRuntimeConfig
+from devyard.runner.gateway import Gateway, TicketCheck
 from devyard.runner.informer import Informer
 from devyard.runner.runtime import Runtime
 from devyard.runner.settings import RunnerSettings
 from devyard.runner.workqueue import WorkQueue
+from devyard.wire.access import GatewayKey, decode_key
 from devyard.wire.environments import Environment
-from devyard.wire.runners import RunnerPhase, RunnerStatus, RunnerStatusWrite
+from devyard.wire.runners import GatewayEndpoint, RunnerPhase, RunnerStatus, RunnerStatusWrite
 
 __all__ = ["Agent", "make_runtime"]
 
@@ -86,6 +92,9 @@ class Agent:
         self.controller: Controller | None = None
         #: Heartbeats the server accepted; for tests and metrics.
         self.heartbeats = 0
+        #: The gateway, once it listens.
+        self.gateway: Gateway | None = None
+        self._report_soon = asyncio.Event()
         self._transport = transport
         self._retry = retry or RetryPolicy()
         self._stop_grace = stop_grace
@@ -195,6 +204,8 @@ class Agent:
                 self._spawn(self.informer.run(), "runner-informer"),
                 self._spawn(self._resync(), "runner-resync"),
             ]
+            if settings.gateway_listen:
+                loops.append(self._spawn(self._run_gateway(client, runner_id), "runner-gateway"))
             self._started.set()
             await _until_one_fails(loops)
         finally:
@@ -230,22 +241,80 @@ class Agent:
             assert self.informer is not None
             await self._queue_everything(self.informer.keys())
 
-    async def _heartbeat(self, client: AsyncClient, runner_id: str) -> None:
+    async def _run_gateway(self, client: AsyncClient, runner_id: str) -> None:
+        """Fetch the gateway key, listen, and serve until cancelled."""
         settings = self.settings
-        interval = settings.heartbeat_interval
-        backoff = Backoff(BackoffPolicy(base=min(0.5, interval), cap=interval))
-        body = RunnerStatusWrite(
+        backoff = Backoff(self._reconnect_policy())
+        while True:
+            try:
+                answer = GatewayKey.model_validate(await client.get(f"/api/v1/runners/{runner_id}/gateway-key"))
+                key = decode_key(answer.key)
+                break
+            except (ApiError, TransportError, ValueError) as exc:
+                delay = backoff.next_delay()
+                if backoff.failures == 1 or not isinstance(exc, TransportError):
+                    log.warning("cannot fetch the gateway key, retrying in %.1fs: %s", delay, exc)
+            await self.clock.sleep(delay)
+        check = TicketCheck(runner_id=runner_id, key=key, environment=self._cached_environment)
+        gateway = Gateway(
+            self.runtime, check, listen=settings.gateway_listen, url=settings.gateway_url, hostname=settings.hostname
+        )
+        backoff.reset()
+        while True:
+            try:
+                await gateway.start()
+                break
+            except OSError as exc:
+                delay = backoff.next_delay()
+                log.error("the gateway cannot listen on %s, retrying in %.1fs: %s", settings.gateway_listen, delay, exc)
+            await self.clock.sleep(delay)
+        self.gateway = gateway
+        self._report_soon.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.gateway = None
+            await gateway.close()
+
+    def _cached_environment(self, environment_id: str) -> Environment | None:
+        return self.informer.get(environment_id) if self.informer is not None else None
+
+    def _status(self) -> dict[str, Any]:
+        settings = self.settings
+        gateway = self.gateway
+        return RunnerStatusWrite(
             status=RunnerStatus(
                 phase=RunnerPhase.ONLINE,
                 version=__version__,
                 runtime=self.runtime.name,
                 hostname=settings.hostname,
                 capacity=settings.capacity,
+                gateway=GatewayEndpoint(http_url=gateway.url) if gateway is not None else None,
             )
         ).model_dump(mode="json")
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less when something asks for a report sooner."""
+        if self._report_soon.is_set():
+            self._report_soon.clear()
+            return
+        sleeping = asyncio.ensure_future(self.clock.sleep(delay))
+        poked = asyncio.ensure_future(self._report_soon.wait())
+        try:
+            await asyncio.wait({sleeping, poked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            poked.cancel()
+            await asyncio.gather(sleeping, poked, return_exceptions=True)
+        self._report_soon.clear()
+
+    async def _heartbeat(self, client: AsyncClient, runner_id: str) -> None:
+        settings = self.settings
+        interval = settings.heartbeat_interval
+        backoff = Backoff(BackoffPolicy(base=min(0.5, interval), cap=interval))
         while True:
             try:
-                await client.put(f"/api/v1/runners/{runner_id}/status", body)
+                await client.put(f"/api/v1/runners/{runner_id}/status", self._status())
             except ApiError as exc:
                 if exc.status in (401, 403, 404):
                     raise CredentialError(f"the server no longer accepts runner {runner_id}: {exc}") from exc
@@ -261,7 +330,7 @@ class Agent:
                 backoff.reset()
                 self.heartbeats += 1
                 delay = interval * random.uniform(0.9, 1.1)
-            await self.clock.sleep(delay)
+            await self._pause(delay)
 
 
 async def _until_one_fails(tasks: list[asyncio.Task[None]]) -> None:

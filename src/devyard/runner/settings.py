@@ -67,7 +67,8 @@ class RunnerSettings(BaseSettings):
     bridge: str = Field(default="devyard0", min_length=1, max_length=15)
     #: Seconds a stopping environment gets between SIGTERM and SIGKILL.
     stop_timeout: float = Field(default=10.0, ge=0)
-    #: Where the runner's gateway (exec, and later SSH and ports) listens, ``HOST:PORT``.
+    #: Where the runner's gateway (exec, and later SSH and ports) listens, ``HOST:PORT`` (port 0: any free one);
+    #: empty: no gateway (users cannot reach this runner's environments).
     gateway_listen: str = "0.0.0.0:7481"
     #: The gateway's URL as users reach it; default: from ``gateway_listen`` and ``hostname``.
     gateway_url: str | None = None

@@ -42,6 +42,10 @@ class SecretBox:
         """Names the key without revealing it: an HMAC of a constant."""
         return "hmac-sha256:" + hmac.new(self._key, b"devyard secret key fingerprint", hashlib.sha256).hexdigest()
 
+    def derive_key(self, purpose: bytes) -> bytes:
+        """A key for one purpose (HMAC-SHA256 of ``purpose``), the same on every replica that shares the key."""
+        return hmac.new(self._key, purpose, hashlib.sha256).digest()
+
     def seal(self, value: str) -> str:
         return self._fernet.encrypt(value.encode()).decode()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
@@ -10,7 +11,8 @@ from devyard.server import policy
 from devyard.server.api.context import Context, context
 from devyard.server.api.lists import ListParams, list_params, list_response, narrow
 from devyard.server.api.responses import ERRORS, JSONResponse, resource
-from devyard.server.store import environments, secrets
+from devyard.server.store import access, environments, secrets
+from devyard.wire.access import EnvironmentAccess
 from devyard.wire.environments import (
     DesiredPhase,
     Environment,
@@ -103,3 +105,12 @@ async def environment_secrets(environment_id: str, ctx: Context = Depends(contex
         environments.require_owning_runner(ctx.principal, row)
         values = await secrets.values_for_environment(session, row, ctx.state.secrets)
     return JSONResponse(values)
+
+
+@router.post("/{environment_id}/access", response_model=EnvironmentAccess)
+async def environment_access(environment_id: str, ctx: Context = Depends(context)) -> Any:
+    """A short-lived ticket to exec in the running environment through its runner's gateway."""
+    answer = await ctx.transact(
+        lambda tx: access.issue(tx, ctx.principal, environment_id, ctx.state.secrets, now=time.time())
+    )
+    return JSONResponse(answer.model_dump(mode="json"))

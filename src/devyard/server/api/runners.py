@@ -12,8 +12,9 @@ from devyard.server.api.context import Anonymous, Context, anonymous, context
 from devyard.server.api.lists import ListParams, list_params, list_response
 from devyard.server.api.responses import ERRORS, JSONResponse, resource
 from devyard.server.database.tables import ResourceRow
-from devyard.server.store import resources, runners
+from devyard.server.store import access, resources, runners
 from devyard.server.store.resources import Tx
+from devyard.wire.access import GatewayKey
 from devyard.wire.meta import ListResponse
 from devyard.wire.runners import (
     Runner,
@@ -91,6 +92,14 @@ async def write_runner_status(runner_id: str, body: RunnerStatusWrite, ctx: Cont
         lambda tx: runners.write_status(tx, ctx.principal, runner_id, body), retry=body.resource_version is None
     )
     return resource(row)
+
+
+@router.get("/{runner_id}/gateway-key", response_model=GatewayKey)
+async def runner_gateway_key(runner_id: str, ctx: Context = Depends(context)) -> Any:
+    """The key this runner's gateway checks access tickets with; for the runner itself only."""
+    async with ctx.state.database.read() as session:
+        key = await access.gateway_key(session, ctx.principal, runner_id, ctx.state.secrets)
+    return JSONResponse(key.model_dump(mode="json"))
 
 
 def _created(row: ResourceRow, secret: str, expires_at: datetime) -> JSONResponse:

@@ -1,0 +1,76 @@
+"""Access tickets: the management plane's permission to reach a running environment through its runner's gateway.
+
+Called by ``api.environments`` (``issue``: a user asks for access) and ``api.runners`` (``gateway_key``: a runner
+fetches the key it checks tickets with). Each runner has its own key, derived from the server's secret key and
+the runner's id, so every replica issues tickets the runner accepts, and a ticket for one runner is worthless on
+another. The ticket's format is ``devyard.wire.access``.
+"""
+
+from __future__ import annotations
+
+import secrets as random_secrets
+from datetime import UTC, datetime
+from typing import Final
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from devyard.server import policy
+from devyard.server.auth import Principal
+from devyard.server.state import SecretBox
+from devyard.server.store import resources
+from devyard.server.store.errors import Conflict, Forbidden
+from devyard.wire.access import EnvironmentAccess, GatewayKey, TicketClaims, encode_key, sign_ticket
+from devyard.wire.environments import EnvironmentPhase
+
+__all__ = ["TICKET_TTL", "gateway_key", "issue", "runner_gateway_key"]
+
+#: Seconds a ticket is good for: long enough to open a connection, short enough that a leaked one is stale.
+TICKET_TTL: Final = 60
+
+
+def runner_gateway_key(box: SecretBox, runner_id: str) -> bytes:
+    return box.derive_key(b"gateway-ticket:" + runner_id.encode())
+
+
+async def issue(
+    tx: resources.Tx, principal: Principal, environment_id: str, box: SecretBox, *, now: float
+) -> EnvironmentAccess:
+    """A ticket to exec in the environment, for a user who may change it, when it runs on a runner with a
+    gateway; ``Conflict`` otherwise. Audited as ``environment.access``."""
+    row = await policy.changeable(tx.session, principal, "Environment", environment_id)
+    if principal.is_runner:  # changeable() already refuses runners; a ticket names a user
+        raise Forbidden("a runner may not ask for access to an environment")
+    phase = row.status.get("phase") or EnvironmentPhase.PENDING.value
+    if phase != EnvironmentPhase.RUNNING.value:
+        raise Conflict(f"environment {row.name} ({row.id}) is {phase}, not running: start it first")
+    if row.runner_id is None:
+        raise Conflict(f"environment {row.name} ({row.id}) has no runner yet")
+    runner = await resources.get(tx.session, "Runner", row.runner_id)
+    gateway = (runner.status.get("gateway") or {}) if runner is not None else {}
+    url = gateway.get("http_url")
+    if runner is None or not url:
+        raise Conflict(
+            f"runner {runner.name if runner else row.runner_id} of environment {row.id} reports no gateway: "
+            "it may be starting, or too old to offer one"
+        )
+    expires = int(now) + TICKET_TTL
+    claims = TicketClaims(
+        environment_id=row.id,
+        user_id=principal.id,
+        runner_id=runner.id,
+        scope="exec",
+        exp=expires,
+        nonce=random_secrets.token_urlsafe(12),
+    )
+    ticket = sign_ticket(claims, runner_gateway_key(box, runner.id))
+    expires_at = datetime.fromtimestamp(expires, UTC)
+    tx.audit("access", row, {"scope": "exec", "runner_id": runner.id, "expires_at": expires_at.isoformat()})
+    return EnvironmentAccess(gateway_url=url, environment_id=row.id, ticket=ticket, expires_at=expires_at)
+
+
+async def gateway_key(session: AsyncSession, principal: Principal, runner_id: str, box: SecretBox) -> GatewayKey:
+    """The runner's own gateway key, for that runner only (others: 404 if they may not see it, else 403)."""
+    row = await policy.visible(session, principal, "Runner", runner_id)
+    if not principal.is_runner or principal.id != row.id:
+        raise Forbidden(f"only runner {row.name} itself may fetch its gateway key")
+    return GatewayKey(runner_id=row.id, key=encode_key(runner_gateway_key(box, row.id)))
