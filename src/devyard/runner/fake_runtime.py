@@ -10,6 +10,14 @@ operation (through the clock it is given) and failing when told to:
 ``exec`` is canned: it runs nothing and answers exit code 0 with the command line, shell-quoted, followed by a
 newline, as its stdout (like ``echo``). Tests and demos may rely on exactly that.
 
+``open_exec`` (what the runner's gateway calls for ``devyard env exec``) is not canned: it runs the command as a
+host subprocess (``host_process``), as the runner's own user, in a scratch directory of the fake container (its
+working directory; ``cwd`` relative to it), with a pseudo-terminal when ``tty``. It is a test double, and
+``devyard up`` uses it only when not root, so it grants nothing the user does not already have; a ``user`` other
+than the runner's own is refused. The scratch directories live beside the state file (else in a temporary
+directory, removed by ``close``) and go with their container's ``delete``.
+
+
 With a ``state_file``, every change is written to that JSON file (atomically) and read back on start, so a
 restarted runner finds, and adopts, the containers of the previous process, as it would on a real host.
 Containers recorded as running stay running across that restart, as runc containers outlive their runner.
@@ -24,6 +32,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +42,8 @@ from typing import Any, Final
 
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError, TemporaryError
-from devyard.runner.runtime import ContainerSpec, ContainerState, ContainerStatus, ExecResult
+from devyard.runner.host_process import HostProcess, start_host_process
+from devyard.runner.runtime import ContainerSpec, ContainerState, ContainerStatus, ExecRequest, ExecResult
 
 __all__ = ["OPERATIONS", "FakeRuntime", "FakeRuntimeConfig"]
 
@@ -88,6 +98,9 @@ class FakeRuntime:
         self._injected: dict[str, list[_Injected]] = {}
         self._containers: dict[str, ContainerStatus] = {}
         self._images: set[str] = set()
+        #: Where the containers' scratch directories go; made on the first ``open_exec``.
+        self._scratch_root = state_file.parent / "fake-containers" if state_file is not None else None
+        self._scratch_is_temporary = False
         #: How many times each operation was called; for benchmarks, not for assertions on call order.
         self.calls: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
         if state_file is not None and state_file.exists():
@@ -163,6 +176,8 @@ class FakeRuntime:
         await self._operation("delete")
         if self._containers.pop(environment_id, None) is not None:
             self._save()
+        if self._scratch_root is not None:
+            shutil.rmtree(self._scratch_root / environment_id, ignore_errors=True)
 
     async def exec(
         self,
@@ -178,6 +193,24 @@ class FakeRuntime:
             raise ContainerNotRunning(f"container of {environment_id} is {current.state}, not running")
         return ExecResult(exit_code=0, stdout=(shlex.join(argv) + "\n").encode())
 
+    async def open_exec(self, environment_id: str, request: ExecRequest) -> HostProcess:
+        await self._operation("exec")
+        current = self._get(environment_id)
+        if current.state is not ContainerState.RUNNING:
+            raise ContainerNotRunning(f"container of {environment_id} is {current.state}, not running")
+        if request.user is not None and request.user not in _own_user_names():
+            raise PermanentError(
+                f"the fake runtime runs commands as the runner's own user; it cannot run them as {request.user!r}"
+            )
+        scratch = self._scratch(environment_id)
+        cwd = scratch / request.cwd if request.cwd else scratch
+        if not cwd.is_dir():
+            raise PermanentError(f"the working directory {request.cwd!r} does not exist in {environment_id}")
+        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(scratch), **current.spec.env, **request.env}
+        if request.tty:
+            env.setdefault("TERM", "xterm-256color")
+        return await start_host_process(request.argv, env=env, cwd=cwd, tty=request.tty, size=request.size)
+
     async def inspect(self, environment_id: str) -> ContainerStatus | None:
         await self._operation("inspect")
         return self._containers.get(environment_id)
@@ -188,6 +221,9 @@ class FakeRuntime:
 
     async def close(self) -> None:
         self._save()
+        if self._scratch_is_temporary and self._scratch_root is not None:
+            shutil.rmtree(self._scratch_root, ignore_errors=True)
+            self._scratch_root, self._scratch_is_temporary = None, False
 
     # Inside.
 
@@ -214,6 +250,14 @@ class FakeRuntime:
             kind = "permanent" if self.config.failure_permanent else "temporary"
             message = f"random {kind} failure of {name}"
             raise (PermanentError if self.config.failure_permanent else TemporaryError)(message)
+
+    def _scratch(self, environment_id: str) -> Path:
+        if self._scratch_root is None:
+            self._scratch_root = Path(tempfile.mkdtemp(prefix="devyard-fake-containers-"))
+            self._scratch_is_temporary = True
+        directory = self._scratch_root / environment_id
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return directory
 
     def _get(self, environment_id: str) -> ContainerStatus:
         try:
@@ -256,6 +300,19 @@ class FakeRuntime:
                 self._containers[status.environment_id] = status
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PermanentError(f"cannot read the fake runtime's state from {path}: {exc}") from exc
+
+
+def _own_user_names() -> set[str]:
+    """What names the runner's own user: its uid, ``uid:gid``, and its login name where there is one."""
+    uid, gid = os.getuid(), os.getgid()
+    names = {str(uid), f"{uid}:{gid}"}
+    try:
+        import pwd
+
+        names.add(pwd.getpwuid(uid).pw_name)
+    except (ImportError, KeyError):
+        pass
+    return names
 
 
 def _now() -> datetime:
