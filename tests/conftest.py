@@ -21,7 +21,9 @@ import pytest
 
 from devyard.client import Client
 from devyard.server.settings import ServerSettings
-from support import databases, live_server, postgres
+from support import databases, host, live_server, postgres
+from support import images as images_support
+from support import registry as registry_support
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -83,3 +85,20 @@ def server(server_settings: ServerSettings) -> Iterator[live_server.LiveServer]:
 def admin_client(server: live_server.LiveServer) -> Iterator[Client]:
     with server.client() as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registry_support.RegistryServer]:
+    """A real OCI registry (Debian's docker-registry) on 127.0.0.1:<free port>, open, plain http, for the
+    session; ``registry.host`` is what references and ``insecure`` sets use."""
+    host.require("docker-registry")
+    with registry_support.running_registry(tmp_path_factory.mktemp("registry")) as (server, _):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def busybox_image(registry: registry_support.RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The busybox test image (``support.images.busybox_layout``) pushed to ``registry``: its reference,
+    ``127.0.0.1:PORT/test/busybox:1``."""
+    layout = images_support.busybox_layout(tmp_path_factory.mktemp("busybox-layout"))
+    return images_support.push(layout, registry.host, "test/busybox:1")
