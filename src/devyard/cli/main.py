@@ -31,6 +31,7 @@ LAZY_COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "user": ("devyard.cli.users:user", "Manage users and their roles."),
     "server": ("devyard.cli.processes:server", "Run the management plane."),
     "runner": ("devyard.cli.runners:runner", "Run a runner on this host, or manage runners."),
+    "image": ("devyard.cli.images:image", "Pull, list, import and remove the images of a runner on this host."),
 }
 
 

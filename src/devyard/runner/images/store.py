@@ -52,7 +52,7 @@ from devyard.runner.images.registry import (
 )
 from devyard.runner.images.unpack import TEMPORARY_PREFIX, decompress, unpack_layer
 
-__all__ = ["GarbageReport", "ImageInUse", "ImageStore", "StoredImage", "stored_id_range"]
+__all__ = ["GarbageReport", "ImageInUse", "ImageStore", "StoredImage", "store_root", "stored_id_range"]
 
 _OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -220,6 +220,11 @@ def _open_database(root: Path) -> sqlite3.Connection:
     database.execute("PRAGMA synchronous=NORMAL")
     database.executescript(_SCHEMA)
     return database
+
+
+def store_root(state_dir: Path) -> Path:
+    """Where the image store of the runner whose state directory is ``state_dir`` lives."""
+    return state_dir / "images"
 
 
 def stored_id_range(root: Path) -> IdRange | None:
