@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Literal
 
@@ -65,6 +66,12 @@ class RunnerSettings(BaseSettings):
     network_subnet: str = "10.89.0.0/16"
     #: The runner's bridge; each environment gets a veth pair to it.
     bridge: str = Field(default="devyard0", min_length=1, max_length=15)
+    #: Networks environments may not reach, besides the host, link-local (metadata) addresses and each other.
+    network_blocked_ranges: list[IPv4Network] = Field(default_factory=list)
+    #: Ports of the bridge's address on the host that environments may reach (a DNS proxy, say); default none.
+    network_allowed_host_ports: list[int] = Field(default_factory=list)
+    #: Name servers for environments when the host has none they can reach; empty: 8.8.8.8 and 8.8.4.4.
+    network_nameservers: list[IPv4Address] = Field(default_factory=list)
     #: Seconds a stopping environment gets between SIGTERM and SIGKILL.
     stop_timeout: float = Field(default=10.0, ge=0)
     #: Where the runner's gateway (exec, and later SSH and ports) listens, ``HOST:PORT`` (port 0: any free one);

@@ -29,6 +29,7 @@ import pytest
 from devyard.runner import errors
 from devyard.runner.linux import network as network_module
 from devyard.runner.linux.network import Attachment, Network
+from devyard.runner.settings import RunnerSettings
 from support import host
 from support.network import free_port
 
@@ -588,3 +589,21 @@ async def test_teardown_leaves_no_interfaces_table_or_mounts(names: Names) -> No
         await network.teardown()  # and again: nothing to do
     finally:
         scrub(names)
+
+
+def test_the_runner_settings_describe_the_network(tmp_path: Path) -> None:
+    settings = RunnerSettings(
+        state_dir=tmp_path,
+        runtime="fake",
+        bridge="dyx0",
+        network_subnet="10.77.0.0/24",
+        network_blocked_ranges=["192.168.0.0/16"],
+        network_allowed_host_ports=[53],
+        network_nameservers=["192.0.2.9"],
+    )
+    network = Network.from_settings(settings)
+    assert (network.bridge, network.table, str(network.subnet)) == ("dyx0", "devyard_dyx0", "10.77.0.0/24")
+    assert ipaddress.IPv4Network("192.168.0.0/16") in network.blocked_ranges
+    assert network.allowed_host_ports == (53,)
+    assert network.fallback_nameservers == ("192.0.2.9",)
+    assert Network.from_settings(RunnerSettings(state_dir=tmp_path, runtime="fake")).table == "devyard"

@@ -47,9 +47,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devyard.runner import errors
+
+if TYPE_CHECKING:
+    from devyard.runner.settings import RunnerSettings
 
 __all__ = ["NETNS_DIR", "Attachment", "Network", "table_name", "veth_name"]
 
@@ -182,6 +185,18 @@ class Network:
         self._locks: dict[str, asyncio.Lock] = {}
         self._setup_lock = asyncio.Lock()
         self._ready = False
+
+    @classmethod
+    def from_settings(cls, settings: RunnerSettings) -> Network:
+        """The runner's network as its settings describe it (``network_*``, ``bridge``, ``state_dir``)."""
+        return cls(
+            settings.state_dir,
+            subnet=settings.network_subnet,
+            bridge=settings.bridge,
+            blocked_ranges=[str(r) for r in settings.network_blocked_ranges],
+            allowed_host_ports=settings.network_allowed_host_ports,
+            fallback_nameservers=[str(s) for s in settings.network_nameservers] or DEFAULT_FALLBACK_NAMESERVERS,
+        )
 
     # -- the bridge and the table
 
