@@ -1,0 +1,166 @@
+"""The runc command line as asyncio calls, with devyard's own state root (``runc --root``).
+
+Called by ``runtime.LinuxRuntime``. Every call runs the binary with ``asyncio.create_subprocess_exec`` and
+turns a failure into an error that carries runc's stderr: ``ContainerNotFound`` when runc says the container
+does not exist, ``TemporaryError`` otherwise (runc's failures are mostly the host's: a busy mount, a cgroup
+being removed, a full disk); callers raise ``PermanentError`` where they know better.
+
+Containers made by ``create`` are detached: runc forks the container's init, which calls setsid, and exits;
+the init is reparented to the host's init (or a subreaper), so the runner may die and the container lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from devyard.runner.errors import ContainerNotFound, TemporaryError
+
+__all__ = ["ContainerInfo", "Runc", "RuncError"]
+
+_NOT_FOUND_MARKERS: Final = ("does not exist", "not exist", "container not found")
+
+
+class RuncError(TemporaryError):
+    """runc failed; the message has its arguments and stderr."""
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What ``runc state`` and ``runc list`` say of a container."""
+
+    id: str
+    #: ``creating``, ``created``, ``running``, ``paused`` or ``stopped``.
+    status: str
+    #: The host pid of the container's init; 0 once stopped.
+    pid: int
+    bundle: Path
+
+    @classmethod
+    def from_json(cls, item: Mapping[str, Any]) -> ContainerInfo:
+        return cls(id=item["id"], status=item["status"], pid=int(item.get("pid") or 0), bundle=Path(item["bundle"]))
+
+
+class Runc:
+    """One runc binary over one state root."""
+
+    def __init__(self, root: Path, *, binary: str = "runc") -> None:
+        self.root = root
+        self.binary = binary
+
+    def _argv(self, *arguments: str) -> list[str]:
+        return [self.binary, "--root", str(self.root), *arguments]
+
+    async def _run(self, *arguments: str, stdin: int | None = asyncio.subprocess.DEVNULL) -> bytes:
+        process = await asyncio.create_subprocess_exec(
+            *self._argv(*arguments),
+            stdin=stdin,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await process.communicate()
+        if process.returncode != 0:
+            raise _error(arguments, process.returncode, stderr.decode(errors="replace"))
+        return stdout
+
+    async def create(self, container_id: str, bundle: Path, *, pid_file: Path, console_log: Path) -> None:
+        """``runc create``: the container's init waits for ``start``. Its stdout and stderr (and runc's own
+        messages, which runc writes to the same stderr) are appended to ``console_log``; stdin is /dev/null."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        descriptor = os.open(console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        offset = os.fstat(descriptor).st_size
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._argv("create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=descriptor,
+                stderr=descriptor,
+            )
+        finally:
+            os.close(descriptor)
+        await process.wait()
+        if process.returncode != 0:
+            with console_log.open("rb") as log:
+                log.seek(offset)
+                output = log.read(8192).decode(errors="replace")
+            raise _error(("create", container_id), process.returncode, output)
+
+    async def start(self, container_id: str) -> None:
+        await self._run("start", container_id)
+
+    async def state(self, container_id: str) -> ContainerInfo | None:
+        """The container as runc knows it, or None if runc has no such container."""
+        try:
+            output = await self._run("state", container_id)
+        except ContainerNotFound:
+            return None
+        return ContainerInfo.from_json(json.loads(output))
+
+    async def kill(self, container_id: str, signal: int, *, all_processes: bool = False) -> None:
+        arguments = ["kill", *(["--all"] if all_processes else []), container_id, str(signal)]
+        await self._run(*arguments)
+
+    async def delete(self, container_id: str, *, force: bool = False) -> None:
+        """``runc delete`` (``--force``: kill a running container first); nothing if there is no such container."""
+        with contextlib.suppress(ContainerNotFound):
+            await self._run("delete", *(["--force"] if force else []), container_id)
+
+    async def list(self) -> list[ContainerInfo]:
+        if not self.root.exists():
+            return []
+        output = await self._run("list", "--format", "json")
+        items = json.loads(output) or []
+        return [ContainerInfo.from_json(item) for item in items]
+
+    async def exec(
+        self,
+        container_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: tuple[int, int] | None = None,
+        additional_gids: Sequence[int] = (),
+        tty: bool = False,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+    ) -> asyncio.subprocess.Process:
+        """Start ``runc exec`` with the given stdio (file descriptors or ``asyncio.subprocess.PIPE``) and return
+        it; its exit status is the process's, and runc exits 128+N when signal N killed it.
+
+        With ``tty``, runc makes a terminal inside the container and proxies it to its own stdio, which should
+        then be a terminal too; on SIGWINCH runc copies that terminal's size to the container's."""
+        arguments = ["exec"]
+        if tty:
+            arguments.append("--tty")
+        for key, value in (env or {}).items():
+            arguments += ["--env", f"{key}={value}"]
+        if cwd is not None:
+            arguments += ["--cwd", cwd]
+        if user is not None:
+            arguments += ["--user", f"{user[0]}:{user[1]}"]
+        for gid in additional_gids:
+            arguments += ["--additional-gids", str(gid)]
+        arguments += [container_id, *argv]
+        return await asyncio.create_subprocess_exec(
+            *self._argv(*arguments),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            # Its own session: a signal to the runner's process group (a Ctrl-C) is not the exec's.
+            start_new_session=True,
+        )
+
+
+def _error(arguments: Sequence[str], returncode: int | None, stderr: str) -> TemporaryError:
+    message = f"runc {' '.join(arguments)} failed (exit {returncode}): {stderr.strip() or 'no output'}"
+    if any(marker in stderr for marker in _NOT_FOUND_MARKERS):
+        return ContainerNotFound(message)
+    return RuncError(message)
