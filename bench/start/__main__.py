@@ -1,0 +1,227 @@
+"""``python -m bench.start``: time environment starts beside runc, docker and devcontainer, the cold pull beside
+skopeo + umoci, and the idle density; print one report.
+
+Exits 0 when every part that was asked for and could run ran to the end, whatever its figures; 1 when a part
+failed (its error is in the report and the other parts still run). A peer whose program is not installed is
+reported as skipped, not failed: ``bench/start/setup`` installs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TypeVar
+
+from bench.start import cold_pull, commands, devyard_start, docker_engine, peers, report, test_image
+from support import images, registry
+
+PARTS = ("runc", "docker", "devcontainer", "devyard", "cold-pull", "density")
+#: The image every contender starts, as docker and devcontainer name it once loaded.
+_DOCKER_IMAGE = "devyard-bench/busybox:latest"
+_T = TypeVar("_T")
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("DEVYARD_BENCH_CACHE") or Path(base) / "devyard-bench")
+
+
+def _options(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.start", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, help="starts of each contender (default 10; --quick 1)")
+    parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {','.join(PARTS)}")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 run each, no devcontainer, the busybox image for the cold pull, 3 idle environments",
+    )
+    parser.add_argument("--density", type=int, help="idle environments to start (default 50; --quick 3)")
+    parser.add_argument(
+        "--cold-image",
+        choices=("debian", "busybox"),
+        help="the image of the cold pull: a Debian minbase root from mmdebstrap, cached (default), or busybox",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=_default_cache(),
+        help="where the Debian root and the Dev Containers CLI are kept (default $DEVYARD_BENCH_CACHE or "
+        "~/.cache/devyard-bench; bench/start/setup installs the CLI there)",
+    )
+    options = parser.parse_args(argv)
+    options.skip = {part.strip() for part in options.skip.split(",") if part.strip()}
+    if options.skip - set(PARTS):
+        parser.error(f"--skip: expected some of {', '.join(PARTS)}, got {sorted(options.skip)}")
+    if options.quick:
+        options.skip.add("devcontainer")
+    options.runs = options.runs if options.runs is not None else (1 if options.quick else 10)
+    options.density = options.density if options.density is not None else (3 if options.quick else 50)
+    options.cold_image = options.cold_image or ("busybox" if options.quick else "debian")
+    if options.runs < 1 or options.density < 0:
+        parser.error("--runs must be positive and --density not negative")
+    return options
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}"
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        return commands.run(argv, timeout=30).strip().splitlines()[0]
+    except (commands.CommandFailed, IndexError):
+        return "unknown"
+
+
+class _Outcome:
+    """Whether every part that ran finished; each part's failure is recorded where the report shows it."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def attempt(self, record: Callable[[str], None], action: Callable[[], _T]) -> _T | None:
+        try:
+            return action()
+        except Exception as exc:
+            traceback.print_exc()
+            self.failed = True
+            record(f"FAILED: {exc}".splitlines()[0][:300])
+            return None
+
+
+def _peers(
+    run: report.Run, options: argparse.Namespace, work: Path, rootfs: Path, image: test_image.Layout, outcome: _Outcome
+) -> None:
+    starts = run.starts
+
+    def missing(key: str) -> Callable[[str], None]:
+        return lambda reason: starts.missing.__setitem__(key, reason)
+
+    if "runc" in options.skip:
+        starts.missing[report.RUNC] = "skipped (--skip)"
+    elif shutil.which("runc") is None:
+        starts.missing[report.RUNC] = "skipped: runc is not installed (scripts/setup installs it)"
+    else:
+        run.versions["runc"] = _version(["runc", "--version"]).removeprefix("runc version ")
+        for key, measure in ((report.RUNC, peers.measure_runc), (report.RUNC_ONE_SHOT, peers.measure_runc_one_shot)):
+            samples = outcome.attempt(missing(key), functools.partial(measure, rootfs, work / "runc", options.runs))
+            if samples is not None:
+                starts.samples[key] = samples
+
+    wanted = {"docker", "devcontainer"} - options.skip
+    for part in ("docker", "devcontainer"):
+        if part not in wanted:
+            starts.missing[part] = "skipped (--skip" + (" or --quick)" if part == "devcontainer" else ")")
+    if not wanted:
+        return
+    if commands.find("dockerd", "/usr/sbin/dockerd") is None:
+        for part in wanted:
+            starts.missing[part] = "skipped: Docker Engine is not installed (bench/start/setup installs docker.io)"
+        return
+    cli = peers.devcontainer_cli(options.cache / "devcontainers-cli")
+    if "devcontainer" in wanted and cli is None:
+        starts.missing[report.DEVCONTAINER] = "skipped: @devcontainers/cli is not installed (bench/start/setup)"
+        wanted.discard("devcontainer")
+
+    def engine_run() -> None:
+        archive = work / "busybox-docker.tar"
+        commands.run(
+            ["skopeo", "copy", "--quiet", image.reference, f"docker-archive:{archive}:{_DOCKER_IMAGE}"],
+            timeout=120,
+        )
+        with docker_engine.running_engine(work / "docker") as engine:
+            run.versions["Docker Engine"] = engine.version
+            engine.docker("load", "--input", archive, timeout=120)
+            if "docker" in wanted:
+                for key, measure in (
+                    (report.DOCKER, peers.measure_docker),
+                    (report.DOCKER_ONE_SHOT, peers.measure_docker_one_shot),
+                ):
+                    samples = outcome.attempt(
+                        missing(key), functools.partial(measure, engine, _DOCKER_IMAGE, options.runs)
+                    )
+                    if samples is not None:
+                        starts.samples[key] = samples
+            if "devcontainer" in wanted and cli is not None:
+                run.versions["@devcontainers/cli"] = _version([str(cli), "--version"])
+                samples = outcome.attempt(
+                    missing(report.DEVCONTAINER),
+                    lambda: peers.measure_devcontainer(engine, cli, _DOCKER_IMAGE, work / "devcontainer", options.runs),
+                )
+                if samples is not None:
+                    starts.samples[report.DEVCONTAINER] = samples
+
+    def engine_failed(reason: str) -> None:
+        for part in wanted:
+            starts.missing.setdefault(part, reason)
+
+    outcome.attempt(engine_failed, engine_run)
+
+
+def _cold_pull(
+    run: report.Run, options: argparse.Namespace, work: Path, registry_host: str, busybox: test_image.Layout,
+    outcome: _Outcome,
+) -> None:  # fmt: skip
+    layout = test_image.debian(work / "debian-oci") if options.cold_image == "debian" else busybox
+    reference = images.push(layout.path, registry_host, f"bench/{options.cold_image}:latest")
+    pull = run.cold_pull = report.ColdPull(reference, layout.size)
+    run.versions["skopeo"] = _version(["skopeo", "--version"]).removeprefix("skopeo version ")
+    run.versions["umoci"] = _version(["umoci", "--version"]).removeprefix("umoci version ")
+    result = outcome.attempt(
+        lambda reason: pull.missing.__setitem__("peer", reason),
+        lambda: cold_pull.measure_peer(reference, work / "cold-peer", options.runs),
+    )
+    if result is not None:
+        pull.peer, pull.peer_steps = result
+    if not devyard_start.image_store_available():
+        pull.missing["devyard"] = "NOT MEASURED: the image store (devyard.runner.images.store) has not landed"
+        return
+    result = outcome.attempt(
+        lambda reason: pull.missing.__setitem__("devyard", reason),
+        lambda: cold_pull.measure_devyard(reference, work / "cold-devyard", options.runs),
+    )
+    if result is not None:
+        pull.devyard, pull.devyard_steps = result
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = _options(argv)
+    run = report.Run(_machine(), {}, options.runs)
+    outcome = _Outcome()
+    with ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="devyard-bench-start-"))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        busybox = test_image.busybox(work / "busybox-oci")
+        rootfs = test_image.busybox_rootfs(busybox, work / "busybox-bundle")
+        _peers(run, options, work, rootfs, busybox, outcome)
+
+        if {"devyard", "cold-pull", "density"} - options.skip:
+            server, _ = stack.enter_context(registry.running_registry(work / "registry"))
+            if "cold-pull" not in options.skip:
+                _cold_pull(run, options, work, server.host, busybox, outcome)
+            if {"devyard", "density"} - options.skip:
+                image = images.push(busybox.path, server.host, "bench/busybox:latest")
+                devyard_start.measure(run, options, work / "devyard", image, server.host, outcome.attempt)
+    print(report.render(run), flush=True)
+    return 1 if outcome.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""devyard's warm start and idle density, on a real server and a runner on the linux runtime.
+
+``measure`` starts the management plane (``bench.api.server.running_server``, SQLite) and one runner
+(``devyard runner --runtime linux``, its own state directory, bridge and subnet, its gateway on 127.0.0.1), starts
+one environment of the busybox image first so that the image is cached (not timed), then:
+
+- CLI: ``devyard env create DIR --image REF --wait`` then ``devyard env exec ENV -- true``, timed from the start
+  of the first command to the exit of the second: what a user waits for;
+- API: the same requests made in this process by the CLI's own code (``devyard.client.Client``,
+  ``cli._waiting.wait_for_environment``, the gateway session of ``cli._exec_session``), so the difference to
+  the CLI figure is what starting two Python processes costs;
+- density: N idle environments at once; the runner process's RSS and PSS before and with all running, and how
+  long an exec in one of them takes meanwhile (the host stays responsive).
+
+Every environment is deleted after (not timed). Called by ``bench.start.__main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.api.server import running_server
+from bench.start import commands, report
+from support import network
+
+__all__ = ["image_store_available", "linux_runtime_available", "measure"]
+
+#: ``__main__``'s way to run a part: ``attempt(record_failure, action)`` returns what ``action`` returns, or
+#: None after passing the failure's message to ``record_failure``.
+Attempt = Callable[[Callable[[str], None], Callable[[], Any]], Any]
+
+#: A first start pulls and unpacks the image: it may take a while.
+_FIRST_START_TIMEOUT = 300.0
+_START_TIMEOUT = 60.0
+_DELETE_TIMEOUT = 120.0
+_STOP_TIMEOUT = 60.0
+
+
+def image_store_available() -> bool:
+    return importlib.util.find_spec("devyard.runner.images.store") is not None
+
+
+def linux_runtime_available() -> bool:
+    return importlib.util.find_spec("devyard.runner.linux.runtime") is not None
+
+
+def _devyard_command() -> list[str]:
+    script = Path(sys.executable).with_name("devyard")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "devyard"]
+
+
+@contextmanager
+def _running_runner(
+    server_url: str, admin_token: str, work: Path, registry_host: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``devyard runner --runtime linux`` as its own process, on its own bridge and subnet (so it meets no other
+    runner on the host), its gateway on a free port of 127.0.0.1; stopped with SIGTERM on exit."""
+    work.mkdir(parents=True, exist_ok=True)
+    env = {"DEVYARD_SERVER": server_url, "DEVYARD_TOKEN": admin_token, "XDG_CONFIG_HOME": str(work / "config")}
+    created = json.loads(
+        commands.run([*_devyard_command(), "runner", "create", "--output", "json"], timeout=60, env=env)
+    )
+    suffix = os.getpid() % 10000
+    runner_env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("DEVYARD_")},
+        "DEVYARD_RUNNER_BRIDGE": f"dybench{suffix}",
+        "DEVYARD_RUNNER_NETWORK_SUBNET": f"10.{200 + suffix % 50}.0.0/16",
+        "DEVYARD_RUNNER_LOG_LEVEL": "WARNING",
+    }
+    argv = [
+        *_devyard_command(), "runner", "--server", server_url, "--token", created["exchange_token"],
+        "--state-dir", str(work / "state"), "--runtime", "linux", "--insecure-registry", registry_host,
+        "--gateway-listen", f"127.0.0.1:{network.free_port()}",
+    ]  # fmt: skip
+    log = (work / "runner.log").open("ab")
+    process = subprocess.Popen(argv, env=runner_env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    log.close()
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+class _Environments:
+    """The environments this benchmark made, through the same client code as the CLI; deletes them all at
+    the end."""
+
+    def __init__(self, server_url: str, token: str, image: str, content_dir: Path) -> None:
+        from devyard.client import Client
+
+        self.client = Client(server_url, token)
+        self.image = image
+        self.content_dir = content_dir
+        self.made: list[str] = []
+
+    def create(self) -> str:
+        body = {"spec": {"content": {"local_path": str(self.content_dir)}, "image": self.image}}
+        environment_id: str = self.client.post("/api/v1/environments", body)["metadata"]["id"]
+        self.made.append(environment_id)
+        return environment_id
+
+    def wait_running(self, environment_id: str, timeout: float) -> None:
+        from devyard.cli._waiting import wait_for_environment
+
+        wait_for_environment(self.client, environment_id, "running", timeout=timeout)
+
+    def exec_true(self, environment_id: str) -> int:
+        from devyard.cli import _exec_session
+        from devyard.wire.access import EnvironmentAccess
+
+        access = EnvironmentAccess.model_validate(self.client.post(f"/api/v1/environments/{environment_id}/access"))
+        options = _exec_session.SessionOptions(argv=("true",), tty=False, env={})
+        # The CLI's session, with /dev/null for its streams: this process's own stdin stays untouched.
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            return asyncio.run(_exec_session._session(access, options, null, null))
+        finally:
+            os.close(null)
+
+    def delete(self, environment_id: str) -> None:
+        from devyard.cli._waiting import DELETED, wait_for_environment
+
+        self.client.delete(f"/api/v1/environments/{environment_id}")
+        wait_for_environment(self.client, environment_id, DELETED, timeout=_DELETE_TIMEOUT)
+        self.made.remove(environment_id)
+
+    def delete_all(self) -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(self.delete, list(self.made)))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _cli_start(environments: _Environments, env: dict[str, str]) -> float:
+    devyard = _devyard_command()
+    create = [*devyard, "env", "create", str(environments.content_dir), "--image", environments.image, "--wait"]
+    started = time.perf_counter()
+    created = json.loads(commands.run([*create, "--output", "json"], timeout=_START_TIMEOUT, env=env))
+    environment_id = created["metadata"]["id"]
+    environments.made.append(environment_id)
+    commands.run([*devyard, "env", "exec", environment_id, "--", "true"], timeout=_START_TIMEOUT, env=env)
+    seconds = time.perf_counter() - started
+    environments.delete(environment_id)
+    return seconds
+
+
+def _api_start(environments: _Environments) -> float:
+    started = time.perf_counter()
+    environment_id = environments.create()
+    environments.wait_running(environment_id, _START_TIMEOUT)
+    exit_code = environments.exec_true(environment_id)
+    seconds = time.perf_counter() - started
+    environments.delete(environment_id)
+    if exit_code != 0:
+        raise RuntimeError(f"exec true in {environment_id} exited {exit_code}")
+    return seconds
+
+
+def _repeat(start: Callable[[], float], runs: int) -> list[float]:
+    return [start() for _ in range(runs)]
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    """The process's resident set and proportional set size (shared pages split among their users), KiB."""
+    values: dict[str, int] = {}
+    for name, key in (("status", "VmRSS:"), ("smaps_rollup", "Pss:")):
+        try:
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                if line.startswith(key):
+                    values["RSS" if key == "VmRSS:" else "PSS"] = int(line.split()[1])
+                    break
+        except OSError:
+            pass
+    return values
+
+
+def _density(environments: _Environments, runner_pid: int, count: int) -> report.Density:
+    density = report.Density(environments=count)
+    time.sleep(1.0)  # let the runner's warm-up garbage settle before the first reading
+    density.before_kib = _memory_kib(runner_pid)
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda _: environments.create(), range(count)))
+        deadline = _START_TIMEOUT + 2 * count
+        list(pool.map(lambda environment_id: environments.wait_running(environment_id, deadline), ids))
+    time.sleep(1.0)
+    density.after_kib = _memory_kib(runner_pid)
+    for _ in range(5):
+        started = time.perf_counter()
+        if environments.exec_true(ids[0]) != 0:
+            raise RuntimeError(f"exec true in {ids[0]} failed while {count} environments ran")
+        density.probe.append(time.perf_counter() - started)
+    environments.delete_all()
+    return density
+
+
+def measure(
+    run: report.Run,
+    options: argparse.Namespace,
+    work: Path,
+    image: str,
+    registry_host: str,
+    attempt: Attempt,
+) -> None:
+    """Measure devyard's starts (unless ``devyard`` is skipped) and the density (unless ``density`` is) into
+    ``run``; a part that fails is recorded there (through ``attempt``) and the rest still runs."""
+    starts = run.starts
+    wanted = {"devyard", "density"} - options.skip
+    if "devyard" not in wanted:
+        starts.missing[report.DEVYARD_CLI] = "skipped (--skip)"
+    if "density" not in wanted or options.density == 0:
+        run.density = None
+    if not linux_runtime_available():
+        reason = "NOT MEASURED: the linux runtime (devyard.runner.linux.runtime) has not landed"
+        if "devyard" in wanted:
+            starts.missing[report.DEVYARD_CLI] = reason
+        if "density" in wanted:
+            run.density = report.Density(missing=reason)
+        return
+
+    def record(reason: str) -> None:
+        for key in (report.DEVYARD_CLI, report.DEVYARD_API):
+            starts.missing.setdefault(key, reason)
+        if run.density is None and "density" in wanted:
+            run.density = report.Density(missing=reason)
+
+    attempt(record, lambda: _measure(run, options, work, image, registry_host, wanted, attempt))
+
+
+def _measure(
+    run: report.Run,
+    options: argparse.Namespace,
+    work: Path,
+    image: str,
+    registry_host: str,
+    wanted: set[str],
+    attempt: Attempt,
+) -> None:
+    starts = run.starts
+    with ExitStack() as stack:
+        work.mkdir(parents=True, exist_ok=True)
+        server = stack.enter_context(running_server(work / "server", None, work / "server.log"))
+        runner = stack.enter_context(_running_runner(server.url, server.admin_token, work / "runner", registry_host))
+        content = work / "content"
+        content.mkdir()
+        environments = _Environments(server.url, server.admin_token, image, content)
+        stack.callback(environments.close)
+        stack.callback(environments.delete_all)
+        # The first start pulls and unpacks the image: the runs after it find it cached.
+        first = environments.create()
+        environments.wait_running(first, _FIRST_START_TIMEOUT)
+        environments.delete(first)
+
+        if "devyard" in wanted:
+            cli_env = {"DEVYARD_SERVER": server.url, "DEVYARD_TOKEN": server.admin_token}
+            cli_env["XDG_CONFIG_HOME"] = str(work / "config")
+            starters: dict[str, Callable[[], float]] = {
+                report.DEVYARD_CLI: functools.partial(_cli_start, environments, cli_env),
+                report.DEVYARD_API: functools.partial(_api_start, environments),
+            }
+            for key, start in starters.items():
+                samples = attempt(
+                    functools.partial(starts.missing.__setitem__, key),
+                    functools.partial(_repeat, start, options.runs),
+                )
+                if samples is not None:
+                    starts.samples[key] = samples
+        if "density" in wanted and options.density > 0:
+            density = attempt(
+                lambda reason: setattr(run, "density", report.Density(missing=reason)),
+                lambda: _density(environments, runner.pid, options.density),
+            )
+            if density is not None:
+                run.density = density
