@@ -552,6 +552,21 @@ async def test_repair_finishes_or_undoes_what_a_crash_left(network: Network, nam
         assert await probe(None, veth_lost.address, 8080, timeout=5) == f"connected {veth_lost.gateway}"
 
 
+async def test_repair_finishes_a_veth_a_crash_left_unconfigured(network: Network, names: Names) -> None:
+    attachment = await network.attach(names.environment("a"), hostname="a")
+    # As if the runner died after making the veth and before configuring the inside and raising the port.
+    run("ip", "link", "set", "dev", attachment.host_interface, "down")
+    run("nsenter", f"--net={attachment.netns_path}", "ip", "address", "flush", "dev", "eth0")
+    assert await network.orphans() == [
+        f"finish the network of {attachment.environment_id}: re-wire its veth {attachment.host_interface}"
+    ]
+    await network.repair()
+    assert await network.orphans() == []
+    assert [a["local"] for a in inside_links(attachment)["eth0"]["addr_info"]] == [str(attachment.address)]  # type: ignore[attr-defined]
+    async with serving(attachment.netns_path, attachment.address, 8080):
+        assert await probe(None, attachment.address, 8080, timeout=5) == f"connected {attachment.gateway}"
+
+
 async def test_repair_removes_the_environments_not_wanted(network: Network, names: Names) -> None:
     keep = await network.attach(names.environment("keep"), hostname="x")
     drop = await network.attach(names.environment("drop"), hostname="x")

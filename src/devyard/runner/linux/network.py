@@ -542,7 +542,9 @@ table inet {self.table} {{
             )  # fmt: skip
             eth0 = None
         alias = f"{self.bridge}/{environment_id}"
-        await _run("ip", "link", "set", "dev", name, "alias", alias, "master", self.bridge, "mtu", mtu, "up")
+        # The port goes up last: isolated before any frame can pass, and "up" marks a finished attach (repair
+        # finishes a veth that is down).
+        await _run("ip", "link", "set", "dev", name, "alias", alias, "master", self.bridge, "mtu", mtu)
         await _run("bridge", "link", "set", "dev", name, "isolated", "on")
         wanted_address = f"{allocation.address}/{self.subnet.prefixlen}"
         present = {
@@ -555,6 +557,7 @@ table inet {self.table} {{
             commands += [f"address flush dev {_INSIDE}", f"address add {wanted_address} dev {_INSIDE}"]
         commands += [f"link set {_INSIDE} up", f"route replace default via {self.gateway} dev {_INSIDE}"]
         await _run(*inside, "ip", "-batch", "-", input="\n".join(commands).encode() + b"\n")
+        await _run("ip", "link", "set", "dev", name, "up")
 
     async def _undo(self, environment_id: str) -> None:
         """Remove what an environment has, in the reverse order of ``attach``."""
