@@ -241,8 +241,17 @@ def debian_rootfs(packages: Sequence[str] = ("bash", "git", "sudo"), *, suite: s
     if cached.exists():
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(f".partial-{cached.name}-{os.getpid()}")
-    command = ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(packages)}", suite, str(partial)]
+    # mmdebstrap picks its output format from the name: keep ".tar" at the end.
+    partial = cached.with_name(f".partial-{os.getpid()}-{cached.name}")
+    command = [
+        "mmdebstrap",
+        "--quiet",
+        "--format=tar",
+        "--variant=minbase",
+        f"--include={','.join(packages)}",
+        suite,
+        str(partial),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)

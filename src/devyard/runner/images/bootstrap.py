@@ -56,7 +56,7 @@ async def bootstrap_debian(
     if variant not in ("minbase", "apt", "essential", "required", "important", "standard"):
         raise PermanentError(f"unknown mmdebstrap variant {variant!r}")
     tarball = store.root / f".tmp-bootstrap-{secrets.token_hex(4)}.tar"
-    command = ["mmdebstrap", "--quiet", f"--variant={variant}"]
+    command = ["mmdebstrap", "--quiet", "--format=tar", f"--variant={variant}"]
     if packages:
         command.append(f"--include={','.join(packages)}")
     command += [suite, str(tarball), mirror or host_debian_mirror()]
