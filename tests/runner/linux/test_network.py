@@ -33,7 +33,7 @@ from devyard.runner.settings import RunnerSettings
 from support import host
 from support.network import free_port
 
-PROGRAMS = ("ip", "nft", "bridge", "nsenter", "unshare", "umount", "sysctl")
+PROGRAMS = ("ip", "nft", "bridge", "nsenter", "unshare", "umount", "sysctl", "setpriv")
 
 # Connects, and prints what the server said (the address it saw us from), or why it could not.
 PROBE = r"""
@@ -283,6 +283,7 @@ async def test_attach_gives_the_namespace_an_address_a_route_and_an_isolated_por
     links = inside_links(attachment)
     assert set(links) == {"lo", "eth0"}
     assert "UP" in links["lo"]["flags"]  # type: ignore[operator]
+    assert {a["local"] for a in links["lo"]["addr_info"]} == {"127.0.0.1", "::1"}  # type: ignore[attr-defined]
     eth0 = links["eth0"]
     assert [(a["family"], a["local"], a["prefixlen"]) for a in eth0["addr_info"]] == [  # type: ignore[attr-defined]
         ("inet", str(attachment.address), names.subnet.prefixlen)
@@ -305,6 +306,13 @@ async def test_attach_gives_the_namespace_an_address_a_route_and_an_isolated_por
     assert attachment.resolv_conf == network.resolv_conf()
     assert attachment.resolv_conf.startswith("nameserver ")
     assert await network.attachments() == [attachment]
+
+    # An unprivileged user (as root in a container is, in the host's user namespace that owns this network
+    # namespace) may bind a low port.
+    bind_low_port = "import socket; socket.socket().bind(('0.0.0.0', 80)); print('bound')"
+    unprivileged = ("setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups")
+    result = run("nsenter", f"--net={attachment.netns_path}", *unprivileged, sys.executable, "-c", bind_low_port)
+    assert result.stdout == "bound\n"
 
 
 async def test_attach_and_detach_are_idempotent(network: Network, names: Names) -> None:

@@ -20,7 +20,9 @@ What is where:
 Isolation: bridge ports are isolated (no frame goes from one environment to another), and the table drops what
 an environment sends to the host itself (except ``allowed_host_ports`` on the gateway address), to link-local
 addresses (cloud metadata), to the subnet (belt and braces) and to ``blocked_ranges``; IPv6 is off in the
-namespaces and dropped from the bridge. New connections from outside into the subnet are dropped; replies pass.
+namespaces (but for ::1) and dropped from the bridge. New connections from outside into the subnet are dropped;
+replies pass. Everyone may bind low ports and ping inside a namespace: root in a container has no network
+capabilities there, since the namespace belongs to the host's user namespace.
 Egress is masqueraded; that needs ``net.ipv4.ip_forward=1``, which ``setup`` sets (and logs). A host whose
 forward chain drops by default in another table (Docker's does) must accept the bridge's traffic there too.
 
@@ -512,7 +514,9 @@ table inet {self.table} {{
         name = veth_name(self.bridge, environment_id)
         mtu = (Path("/sys/class/net") / self.bridge / "mtu").read_text().strip()
         inside = ("nsenter", f"--net={netns}")
-        # IPv4 only: no IPv6 addresses inside, not even link-local ones, set before eth0 exists.
+        # IPv4 only: no IPv6 addresses inside, not even link-local ones, set before eth0 exists. The namespace
+        # belongs to the host's user namespace, so root inside a container has no network capabilities in it:
+        # let everyone bind low ports (a dev server on :80) and ping, as Docker does for its containers.
         await _run(
             *inside,
             "sysctl",
@@ -521,6 +525,10 @@ table inet {self.table} {{
             "-w",
             "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv6.conf.default.disable_ipv6=1",
+            # ... except ::1, which dev servers bind for "localhost" (the hosts file names it).
+            "net.ipv6.conf.lo.disable_ipv6=0",
+            "net.ipv4.ip_unprivileged_port_start=0",
+            "net.ipv4.ping_group_range=0 2147483647",
         )
         interfaces = json.loads((await _run(*inside, "ip", "-j", "address", "show")).stdout or "[]")
         eth0: dict[str, Any] | None = next((i for i in interfaces if i.get("ifname") == _INSIDE), None)
