@@ -203,24 +203,28 @@ class Network:
     # -- the bridge and the table
 
     async def setup(self) -> None:
-        """Make the bridge and the nftables table if missing; idempotent."""
+        """Make the bridge if missing and (re)write the nftables table; idempotent. ``attach`` calls it first if
+        this object has not yet."""
         async with self._setup_lock:
-            self._addresses_dir.mkdir(parents=True, exist_ok=True)
-            self.netns_dir.mkdir(parents=True, exist_ok=True)
-            self._enable_forwarding()
-            bridge_dir = Path("/sys/class/net") / self.bridge
-            if not bridge_dir.exists():
-                await _run("ip", "link", "add", self.bridge, "type", "bridge", tolerate=("File exists",))
-            if not (bridge_dir / "bridge").is_dir():
-                raise errors.PermanentError(f"the interface {self.bridge} exists and is not a bridge")
-            # The host has no IPv6 address on the bridge, so nothing on the host listens there over IPv6.
-            _write_sysctl(Path("/proc/sys/net/ipv6/conf") / self.bridge / "disable_ipv6", "1")
-            mtu = self.mtu if self.mtu is not None else await _default_route_mtu()
-            prefix = f"{self.gateway}/{self.subnet.prefixlen}"
-            await _run("ip", "address", "replace", prefix, "dev", self.bridge)
-            await _run("ip", "link", "set", "dev", self.bridge, "mtu", str(mtu), "up")
-            await _run("nft", "-f", "-", input=self._ruleset().encode())
-            self._ready = True
+            await self._setup()
+
+    async def _setup(self) -> None:
+        self._addresses_dir.mkdir(parents=True, exist_ok=True)
+        self.netns_dir.mkdir(parents=True, exist_ok=True)
+        self._enable_forwarding()
+        bridge_dir = Path("/sys/class/net") / self.bridge
+        if not bridge_dir.exists():
+            await _run("ip", "link", "add", self.bridge, "type", "bridge", tolerate=("File exists",))
+        if not (bridge_dir / "bridge").is_dir():
+            raise errors.PermanentError(f"the interface {self.bridge} exists and is not a bridge")
+        # The host has no IPv6 address on the bridge, so nothing on the host listens there over IPv6.
+        _write_sysctl(Path("/proc/sys/net/ipv6/conf") / self.bridge / "disable_ipv6", "1")
+        mtu = self.mtu if self.mtu is not None else await _default_route_mtu()
+        prefix = f"{self.gateway}/{self.subnet.prefixlen}"
+        await _run("ip", "address", "replace", prefix, "dev", self.bridge)
+        await _run("ip", "link", "set", "dev", self.bridge, "mtu", str(mtu), "up")
+        await _run("nft", "-f", "-", input=self._ruleset().encode())
+        self._ready = True
 
     def _enable_forwarding(self) -> None:
         path = Path("/proc/sys/net/ipv4/ip_forward")
@@ -281,8 +285,9 @@ table inet {self.table} {{
     async def attach(self, environment_id: str, *, hostname: str) -> Attachment:
         """The environment's network namespace, veth and address, made if missing; idempotent."""
         _check_id(environment_id)
-        if not self._ready:
-            await self.setup()
+        async with self._setup_lock:
+            if not self._ready:
+                await self._setup()
         async with self._lock(environment_id):
             allocation = self._allocations().get(environment_id)
             if allocation is None:
