@@ -39,15 +39,17 @@ from support import network
 
 __all__ = ["image_store_available", "linux_runtime_available", "measure"]
 
-#: ``__main__``'s way to run a part: ``attempt(record_failure, action)`` returns what ``action`` returns, or
-#: None after passing the failure's message to ``record_failure``.
-Attempt = Callable[[Callable[[str], None], Callable[[], Any]], Any]
+#: ``__main__``'s way to run a part: ``attempt(record_failure, action, passes=(...))`` returns what ``action``
+#: returns, or None after passing the failure's message to ``record_failure``.
+Attempt = Callable[..., Any]
 
 #: A first start pulls and unpacks the image: it may take a while.
 _FIRST_START_TIMEOUT = 300.0
 _START_TIMEOUT = 60.0
 _DELETE_TIMEOUT = 120.0
 _STOP_TIMEOUT = 60.0
+#: How long a wait for an environment goes without checking on the runner process.
+_WAIT_SLICE = 3.0
 
 
 def image_store_available() -> bool:
@@ -65,7 +67,7 @@ def _devyard_command() -> list[str]:
 
 @contextmanager
 def _running_runner(
-    server_url: str, admin_token: str, work: Path, registry_host: str
+    server_url: str, admin_token: str, work: Path, registry_host: str, runtime: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``devyard runner --runtime linux`` as its own process, on its own bridge and subnet (so it meets no other
     runner on the host), its gateway on a free port of 127.0.0.1; stopped with SIGTERM on exit."""
@@ -83,7 +85,7 @@ def _running_runner(
     }
     argv = [
         *_devyard_command(), "runner", "--server", server_url, "--token", created["exchange_token"],
-        "--state-dir", str(work / "state"), "--runtime", "linux", "--insecure-registry", registry_host,
+        "--state-dir", str(work / "state"), "--runtime", runtime, "--insecure-registry", registry_host,
         "--gateway-listen", f"127.0.0.1:{network.free_port()}",
     ]  # fmt: skip
     log = (work / "runner.log").open("ab")
@@ -101,14 +103,22 @@ def _running_runner(
                 process.wait()
 
 
+class _NotWired(Exception):
+    """``devyard runner --runtime linux`` does not make a linux runtime yet (the runner says so and exits)."""
+
+
 class _Environments:
     """The environments this benchmark made, through the same client code as the CLI; deletes them all at
-    the end."""
+    the end. Its waits give up early, saying why, when the runner process has died or the environment failed."""
 
-    def __init__(self, server_url: str, token: str, image: str, content_dir: Path) -> None:
+    def __init__(
+        self, server_url: str, token: str, image: str, content_dir: Path, runner: subprocess.Popen[bytes], log: Path
+    ) -> None:
         from devyard.client import Client
 
         self.client = Client(server_url, token)
+        self.runner = runner
+        self.runner_log = log
         self.image = image
         self.content_dir = content_dir
         self.made: list[str] = []
@@ -120,9 +130,26 @@ class _Environments:
         return environment_id
 
     def wait_running(self, environment_id: str, timeout: float) -> None:
-        from devyard.cli._waiting import wait_for_environment
+        """What ``--wait`` does (``cli._waiting``), in slices, between which it checks on the runner."""
+        from devyard.cli._waiting import WaitFailed, wait_for_environment
 
-        wait_for_environment(self.client, environment_id, "running", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                wait_for_environment(self.client, environment_id, "running", timeout=_WAIT_SLICE)
+                return
+            except WaitFailed as exc:
+                status = self.client.get(f"/api/v1/environments/{environment_id}").get("status") or {}
+                if status.get("phase") == "failed" or time.monotonic() > deadline:
+                    raise RuntimeError(f"{environment_id} did not start: {exc.message}") from None
+            if self.runner.poll() is not None:
+                log = self.runner_log.read_text(errors="replace")
+                last = ([line for line in log.splitlines() if line.strip()] or ["(empty log)"])[-1].strip()
+                if "unknown runtime 'linux'" in log:
+                    raise _NotWired(last)
+                raise RuntimeError(
+                    f"the runner exited with status {self.runner.returncode} ({last}); log:\n{log[-1500:]}"
+                )
 
     def exec_true(self, environment_id: str) -> int:
         from devyard.cli import _exec_session
@@ -152,29 +179,39 @@ class _Environments:
         self.client.close()
 
 
-def _cli_start(environments: _Environments, env: dict[str, str]) -> float:
+def _cli_start(environments: _Environments, env: dict[str, str], steps: dict[str, list[float]]) -> float:
     devyard = _devyard_command()
     create = [*devyard, "env", "create", str(environments.content_dir), "--image", environments.image, "--wait"]
     started = time.perf_counter()
     created = json.loads(commands.run([*create, "--output", "json"], timeout=_START_TIMEOUT, env=env))
+    running = time.perf_counter()
     environment_id = created["metadata"]["id"]
     environments.made.append(environment_id)
     commands.run([*devyard, "env", "exec", environment_id, "--", "true"], timeout=_START_TIMEOUT, env=env)
-    seconds = time.perf_counter() - started
+    answered = time.perf_counter()
     environments.delete(environment_id)
-    return seconds
+    steps.setdefault("env create --wait", []).append(running - started)
+    steps.setdefault("env exec", []).append(answered - running)
+    # What starting the CLI costs by itself, twice per start: the floor of this figure.
+    version = time.perf_counter()
+    commands.run([*devyard, "--version"], timeout=_START_TIMEOUT, env=env)
+    steps.setdefault("devyard --version (not in the total)", []).append(time.perf_counter() - version)
+    return answered - started
 
 
-def _api_start(environments: _Environments) -> float:
+def _api_start(environments: _Environments, steps: dict[str, list[float]]) -> float:
     started = time.perf_counter()
     environment_id = environments.create()
     environments.wait_running(environment_id, _START_TIMEOUT)
+    running = time.perf_counter()
     exit_code = environments.exec_true(environment_id)
-    seconds = time.perf_counter() - started
+    answered = time.perf_counter()
     environments.delete(environment_id)
     if exit_code != 0:
         raise RuntimeError(f"exec true in {environment_id} exited {exit_code}")
-    return seconds
+    steps.setdefault("create to running", []).append(running - started)
+    steps.setdefault("exec (access ticket + gateway)", []).append(answered - running)
+    return answered - started
 
 
 def _repeat(start: Callable[[], float], runs: int) -> list[float]:
@@ -226,25 +263,34 @@ def measure(
     ``run``; a part that fails is recorded there (through ``attempt``) and the rest still runs."""
     starts = run.starts
     wanted = {"devyard", "density"} - options.skip
+    run.versions["devyard runtime"] = options.devyard_runtime
+    if options.devyard_runtime != "linux":
+        run.notes.append(f"devyard ran on the {options.devyard_runtime} runtime: no container, not the issue's figure")
     if "devyard" not in wanted:
         starts.missing[report.DEVYARD_CLI] = "skipped (--skip)"
     if "density" not in wanted or options.density == 0:
         run.density = None
-    if not linux_runtime_available():
+    if options.devyard_runtime == "linux" and not linux_runtime_available():
         reason = "NOT MEASURED: the linux runtime (devyard.runner.linux.runtime) has not landed"
         if "devyard" in wanted:
             starts.missing[report.DEVYARD_CLI] = reason
         if "density" in wanted:
-            run.density = report.Density(missing=reason)
+            run.density = report.Density(environments=options.density, missing=reason)
         return
 
     def record(reason: str) -> None:
         for key in (report.DEVYARD_CLI, report.DEVYARD_API):
             starts.missing.setdefault(key, reason)
         if run.density is None and "density" in wanted:
-            run.density = report.Density(missing=reason)
+            run.density = report.Density(environments=options.density, missing=reason)
 
-    attempt(record, lambda: _measure(run, options, work, image, registry_host, wanted, attempt))
+    try:
+        attempt(
+            record, lambda: _measure(run, options, work, image, registry_host, wanted, attempt), passes=(_NotWired,)
+        )
+    except _NotWired as exc:
+        # Not a failure of the benchmark: the part it measures is not there yet.
+        record(f"NOT MEASURED: devyard runner --runtime linux is not wired yet ({exc})")
 
 
 def _measure(
@@ -260,10 +306,14 @@ def _measure(
     with ExitStack() as stack:
         work.mkdir(parents=True, exist_ok=True)
         server = stack.enter_context(running_server(work / "server", None, work / "server.log"))
-        runner = stack.enter_context(_running_runner(server.url, server.admin_token, work / "runner", registry_host))
+        runner = stack.enter_context(
+            _running_runner(server.url, server.admin_token, work / "runner", registry_host, options.devyard_runtime)
+        )
         content = work / "content"
         content.mkdir()
-        environments = _Environments(server.url, server.admin_token, image, content)
+        environments = _Environments(
+            server.url, server.admin_token, image, content, runner, work / "runner" / "runner.log"
+        )
         stack.callback(environments.close)
         stack.callback(environments.delete_all)
         # The first start pulls and unpacks the image: the runs after it find it cached.
@@ -275,8 +325,12 @@ def _measure(
             cli_env = {"DEVYARD_SERVER": server.url, "DEVYARD_TOKEN": server.admin_token}
             cli_env["XDG_CONFIG_HOME"] = str(work / "config")
             starters: dict[str, Callable[[], float]] = {
-                report.DEVYARD_CLI: functools.partial(_cli_start, environments, cli_env),
-                report.DEVYARD_API: functools.partial(_api_start, environments),
+                report.DEVYARD_CLI: functools.partial(
+                    _cli_start, environments, cli_env, starts.steps.setdefault(report.DEVYARD_CLI, {})
+                ),
+                report.DEVYARD_API: functools.partial(
+                    _api_start, environments, starts.steps.setdefault(report.DEVYARD_API, {})
+                ),
             }
             for key, start in starters.items():
                 samples = attempt(

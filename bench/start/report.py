@@ -49,6 +49,8 @@ class Starts:
     samples: dict[str, list[float]] = field(default_factory=dict)
     #: Contender -> why it has no figure (skipped, or the error it failed with).
     missing: dict[str, str] = field(default_factory=dict)
+    #: Contender -> its parts (such as ``create --wait`` and ``exec``) -> seconds per run.
+    steps: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,6 +121,12 @@ def _starts(starts: Starts) -> list[str]:
         quoted = QUOTED.get(key)
         row += ("~" + _seconds(quoted) if quoted is not None else "").rjust(8)
         lines.append(row)
+        steps = starts.steps.get(key, {})
+        if steps:
+            lines.append(
+                "    of which (medians): "
+                + ", ".join(f"{step} {_seconds(statistics.median(times))}" for step, times in steps.items() if times)
+            )
     for key in (DEVYARD_CLI, DEVYARD_API):
         devyard = medians.get(key)
         if devyard is None:
@@ -163,13 +171,15 @@ def _density(density: Density) -> list[str]:
     lines = [f"== idle density: {density.environments or DENSITY_ENVIRONMENTS} environments on one runner =="]
     if density.missing:
         return [*lines, f"  {density.missing}"]
+    if density.environments < DENSITY_ENVIRONMENTS:
+        lines.append(f"  (fewer than the target's {DENSITY_ENVIRONMENTS} environments: per-environment figures only)")
     for kind in density.after_kib:
         before, after = density.before_kib.get(kind, 0), density.after_kib[kind]
         per = (after - before) / 1024 / max(density.environments, 1)
-        verdict = _verdict(per <= DENSITY_MIB_PER_ENVIRONMENT and density.environments >= DENSITY_ENVIRONMENTS)
         lines.append(
             f"  runner {kind}: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB with all running: "
-            f"{per:.2f} MiB per environment (target <= {DENSITY_MIB_PER_ENVIRONMENT:g}) {verdict}"
+            f"{per:.2f} MiB per environment (target <= {DENSITY_MIB_PER_ENVIRONMENT:g}) "
+            + _verdict(per <= DENSITY_MIB_PER_ENVIRONMENT)
         )
     if density.probe:
         lines.append(
