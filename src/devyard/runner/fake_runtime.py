@@ -17,7 +17,6 @@ working directory; ``cwd`` relative to it), with a pseudo-terminal when ``tty``.
 than the runner's own is refused. The scratch directories live beside the state file (else in a temporary
 directory, removed by ``close``) and go with their container's ``delete``.
 
-
 With a ``state_file``, every change is written to that JSON file (atomically) and read back on start, so a
 restarted runner finds, and adopts, the containers of the previous process, as it would on a real host.
 Containers recorded as running stay running across that restart, as runc containers outlive their runner.
@@ -101,6 +100,8 @@ class FakeRuntime:
         #: Where the containers' scratch directories go; made on the first ``open_exec``.
         self._scratch_root = state_file.parent / "fake-containers" if state_file is not None else None
         self._scratch_is_temporary = False
+        #: Environment id -> when its create began, while it runs.
+        self._creating: dict[str, float] = {}
         #: How many times each operation was called; for benchmarks, not for assertions on call order.
         self.calls: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
         if state_file is not None and state_file.exists():
@@ -137,10 +138,14 @@ class FakeRuntime:
         if existing is not None:
             return existing
         timings: dict[str, float] = {}
-        if spec.image not in self._images:
-            timings["pull"] = await self._operation("pull")
-            self._images.add(spec.image)
-        timings["create"] = await self._operation("create")
+        self._creating[spec.environment_id] = self._clock.now()
+        try:
+            if spec.image not in self._images:
+                timings["pull"] = await self._operation("pull")
+                self._images.add(spec.image)
+            timings["create"] = await self._operation("create")
+        finally:
+            self._creating.pop(spec.environment_id, None)
         existing = self._containers.get(spec.environment_id)
         if existing is not None:  # made while we waited
             return existing
@@ -192,6 +197,12 @@ class FakeRuntime:
         if current.state is not ContainerState.RUNNING:
             raise ContainerNotRunning(f"container of {environment_id} is {current.state}, not running")
         return ExecResult(exit_code=0, stdout=(shlex.join(argv) + "\n").encode())
+
+    def progress(self, environment_id: str) -> str | None:
+        started = self._creating.get(environment_id)
+        if started is None:
+            return None
+        return f"creating the container ({self._clock.now() - started:.0f} s)"
 
     async def open_exec(self, environment_id: str, request: ExecRequest) -> HostProcess:
         await self._operation("exec")
@@ -320,11 +331,10 @@ def _now() -> datetime:
 
 
 def _encode(status: ContainerStatus) -> dict[str, Any]:
-    spec = dataclasses.asdict(status.spec)
     return {
         "environment_id": status.environment_id,
         "state": status.state.value,
-        "spec": {**spec, "env": dict(status.spec.env), "labels": dict(status.spec.labels)},
+        "spec": status.spec.to_json(),
         "created_at": status.created_at.isoformat(),
         "started_at": status.started_at.isoformat() if status.started_at else None,
         "finished_at": status.finished_at.isoformat() if status.finished_at else None,
@@ -343,7 +353,7 @@ def _decode(item: dict[str, Any]) -> ContainerStatus:
     return ContainerStatus(
         environment_id=item["environment_id"],
         state=ContainerState(item["state"]),
-        spec=ContainerSpec(**item["spec"]),
+        spec=ContainerSpec.from_json(item["spec"]),
         created_at=created_at,
         started_at=timestamp(item["started_at"]),
         finished_at=timestamp(item["finished_at"]),
