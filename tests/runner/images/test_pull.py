@@ -241,3 +241,13 @@ async def test_two_stores_in_one_root_share_downloads_through_file_locks(
         other.close()
     assert first.image.layers == second.image.layers
     assert len(faulty.blob_requests(digest)) == 1
+
+
+@pytest.mark.slow
+async def test_the_debian_test_image(store: ImageStore, registry: RegistryServer, tmp_path: Path) -> None:
+    layout = await asyncio.to_thread(images.debian_layout, tmp_path / "layout")
+    reference = await asyncio.to_thread(images.push, layout, registry.host, "test/debian:bookworm")
+    image = (await store.prepare(reference, holder="env_a")).image
+    assert (image.layers[0] / "usr" / "bin" / "git").exists()
+    assert (image.layers[0] / "usr" / "bin" / "sudo").stat().st_mode & 0o4000
+    assert (image.layers[0] / "usr" / "bin" / "sudo").stat().st_uid == ID_RANGE.start
