@@ -1,8 +1,8 @@
 """A small fake of the management plane for the runner's unit tests, behind the real client's interface.
 
 It answers, through ``httpx.MockTransport``, the few endpoints a runner uses (``docs/api.md``): the token
-exchange, the runner heartbeat, list and watch of environments, environment status writes, and an
-environment's secrets (from ``secrets``). Tests drive the
+exchange, the runner heartbeat, list and watch of environments, environment status writes, an
+environment's secrets (from ``secrets``), and the organization (its ``default_image``). Tests drive the
 user's side with plain methods (``create_environment``, ``set_desired``, ``delete_environment``) and make the
 server go away and come back. Tests assert on its resulting state, never on the requests it saw.
 
@@ -32,6 +32,7 @@ from devyard.wire.environments import (
 )
 from devyard.wire.ids import new_id
 from devyard.wire.meta import Metadata
+from devyard.wire.organizations import Organization, OrganizationPolicy, OrganizationSpec, OrganizationStatus
 from devyard.wire.runners import RunnerStatusWrite
 
 __all__ = ["FakeServer"]
@@ -54,6 +55,8 @@ class FakeServer:
         self.status_writes: dict[str, int] = {}
         self.heartbeats: dict[str, int] = {}
         self.runner_status: dict[str, Any] = {}
+        #: The organization's policy's default image.
+        self.default_image: str | None = None
         #: Environment id -> the secrets its runner receives (``wire.secrets.SecretValue`` as JSON).
         self.secrets: dict[str, list[dict[str, str]]] = {}
         self.down = False
@@ -209,12 +212,32 @@ class FakeServer:
             return self._list(runner_id, int(query.get("page_size", "100")), int(query.get("page_token", "0")))
         if method == "PUT" and len(parts) == 5 and parts[2] == "environments" and parts[4] == "status":
             return self._write_status(runner_id, parts[3], request.content)
+        if method == "GET" and len(parts) == 4 and parts[2] == "organizations":
+            if parts[3] != self.organization_id:
+                return _error(404, "not_found", f"organization {parts[3]} not found")
+            return httpx.Response(200, json=self._organization())
         if method == "GET" and len(parts) == 5 and parts[2] == "environments" and parts[4] == "secrets":
             environment = self.environments.get(parts[3])
             if environment is None or environment.status.runner_id != runner_id:
                 return _error(404, "not_found", f"environment {parts[3]} not found")
             return httpx.Response(200, json=self.secrets.get(parts[3], []))
         return _error(404, "not_found", f"no route {method} {path}")
+
+    def _organization(self) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        organization = Organization(
+            metadata=Metadata(
+                id=self.organization_id,
+                name="test",
+                created_at=now,
+                updated_at=now,
+                generation=1,
+                resource_version="1",
+            ),
+            spec=OrganizationSpec(policy=OrganizationPolicy(default_image=self.default_image)),
+            status=OrganizationStatus(),
+        )
+        return organization.model_dump(mode="json")
 
     def _exchange(self, body: dict[str, Any]) -> httpx.Response:
         runner_id = self._exchange_tokens.pop(body.get("exchange_token", ""), None)

@@ -300,3 +300,28 @@ async def test_a_slow_create_reports_its_phase_and_the_runtimes_progress(world: 
     status = world.status(env_id).status
     assert status.phase is EnvironmentPhase.RUNNING
     assert status.message == ""
+
+
+async def test_the_image_is_the_specs_else_the_organizations_default_else_the_runners(world: World) -> None:
+    runners_default = world.server.create_environment(world.runner_id)
+    await world.seen(runners_default)
+    await world.reconciler.reconcile(runners_default)
+
+    world.server.default_image = "registry.example/org/base:2"
+    world.reconciler._organizations.clear()  # the organization is read again only after a while
+    organizations_default = world.server.create_environment(world.runner_id)
+    own = world.server.create_environment(world.runner_id, image="registry.example/mine:1")
+    for env_id in (organizations_default, own):
+        await world.seen(env_id)
+        await world.reconciler.reconcile(env_id)
+
+    images = {}
+    for env_id in (runners_default, organizations_default, own):
+        container = await world.runtime.inspect(env_id)
+        assert container is not None
+        images[env_id] = container.spec.image
+    assert images == {
+        runners_default: "debian:stable",
+        organizations_default: "registry.example/org/base:2",
+        own: "registry.example/mine:1",
+    }

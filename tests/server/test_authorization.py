@@ -6,7 +6,8 @@ principal gets. ``CASES`` expands it into one test per cell. The rules it spells
 ``devyard.server.policy``: no or bad credentials get 401; what a principal may not see answers 404; what it may
 see but not change answers 403; members see and change only their own environments, tokens, SSH keys and
 user secrets; admins see and change everything in their organization; runners see themselves, their
-organization's classes and projects and the environments assigned to them, and write only their status.
+organization (for its policy: the default image), its classes and projects and the environments assigned to
+them, and write only their status.
 
 The world, made once per module and database through the public API (on ``module_server``, so that the
 hundreds of cells share one set-up):
@@ -57,11 +58,11 @@ GET    /api/v1/whoami                                          200   200    200 
 
 GET    /api/v1/organizations                                   200   200    200     200         403    403     401
 POST   /api/v1/organizations                                   201   201    201     201         403    403     401
-GET    /api/v1/organizations/{org}                             200   200    200     404         404    404     401
+GET    /api/v1/organizations/{org}                             200   200    200     404         200    200     401
 GET    /api/v1/organizations/{other_org}                       404   404    404     200         404    404     401
 PATCH  /api/v1/organizations/{spare_org}                       200   403    403     404         404    404     401
 DELETE /api/v1/organizations/{fresh:spare_org}                 200   403    403     404         404    404     401
-DELETE /api/v1/organizations/{org}                             409   403    403     404         404    404     401
+DELETE /api/v1/organizations/{org}                             409   403    403     404         403    403     401
 
 GET    /api/v1/users                                           200   200    200     200         403    403     401
 POST   /api/v1/users                                           201   403    403     404         403    403     401

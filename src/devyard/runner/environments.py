@@ -51,6 +51,7 @@ from devyard.wire.environments import (
     EnvironmentStatusWrite,
 )
 from devyard.wire.meta import Condition, ConditionStatus
+from devyard.wire.organizations import Organization
 from devyard.wire.secrets import SecretType, SecretValue
 
 __all__ = ["READY", "EnvironmentReconciler"]
@@ -63,6 +64,8 @@ READY: Final = "Ready"
 _START_STEPS: Final = ("pull", "unpack", "create", "start")
 #: A start step that takes longer than this has its phase reported while it runs.
 _QUIET_STEP_SECONDS: Final = 0.2
+#: An organization's default image is read again after this long.
+_ORGANIZATION_TTL_SECONDS: Final = 30.0
 #: While a slow step runs, what the runtime says of its progress is reported at most this often.
 _PROGRESS_INTERVAL_SECONDS: Final = 1.0
 T = TypeVar("T")
@@ -92,6 +95,8 @@ class EnvironmentReconciler:
         self._clock = clock or SystemClock()
         #: Environment class id -> (cpu, memory MiB, disk GiB), or None when the runner may not read it.
         self._classes: dict[str, tuple[float, int, int] | None] = {}
+        #: Organization id -> (when read, its default image).
+        self._organizations: dict[str, tuple[float, str | None]] = {}
 
     async def reconcile(self, key: str) -> Result:
         environment = self._informer.get(key)
@@ -192,7 +197,7 @@ class EnvironmentReconciler:
         }
         return ContainerSpec(
             environment_id=metadata.id,
-            image=spec.image or self._default_image,
+            image=spec.image or await self._organization_image(metadata.organization_id) or self._default_image,
             env=env,
             cpu=cpu,
             memory_mib=memory_mib,
@@ -201,6 +206,28 @@ class EnvironmentReconciler:
             generation=metadata.generation,
             registry_credentials=registry_credentials,
         )
+
+    async def _organization_image(self, organization_id: str | None) -> str | None:
+        """The organization's default image (its policy's ``default_image``), read at most every
+        ``_ORGANIZATION_TTL_SECONDS``; None when it sets none or the runner may not read it."""
+        if organization_id is None:
+            return None
+        cached = self._organizations.get(organization_id)
+        if cached is not None and self._clock.now() - cached[0] < _ORGANIZATION_TTL_SECONDS:
+            return cached[1]
+        try:
+            data = await self._client.get(f"/api/v1/organizations/{organization_id}")
+        except TransportError as exc:
+            raise TemporaryError(f"cannot read organization {organization_id}: {exc}") from exc
+        except ApiError as exc:
+            if exc.status >= 500 or exc.status in (408, 429):
+                raise TemporaryError(f"cannot read organization {organization_id}: {exc}") from exc
+            log.warning("cannot read organization %s (%s); using the runner's default image", organization_id, exc)
+            image = None
+        else:
+            image = Organization.model_validate(data).spec.policy.default_image
+        self._organizations[organization_id] = (self._clock.now(), image)
+        return image
 
     async def _secrets(self, key: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
         """The environment's secrets the container needs at creation: environment variables, and registry

@@ -46,6 +46,8 @@ def readable(principal: Principal, row: ResourceRow) -> bool:
             return row.id == principal.id
         if kind == "Environment":
             return row.runner_id == principal.id
+        if kind == "Organization":  # its policy (the default image, timeouts) shapes the environments
+            return row.id == principal.organization_id
         return org == principal.organization_id and kind in _RUNNER_READABLE
     if kind == "Organization":
         return principal.is_member_of(row.id)
