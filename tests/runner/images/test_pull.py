@@ -115,6 +115,10 @@ async def test_basic_auth(basic_registry: RegistryServer, basic_image: str, tmp_
             await wrong.prepare(basic_image, holder="env_a")
         with pytest.raises(PermanentError, match="needs credentials"):
             await anonymous.prepare(basic_image, holder="env_a")
+        # An environment's own registry credentials (its secrets) serve for its pull, and come first.
+        given = {basic_registry.host: ("alice", USERS["alice"])}
+        assert (await anonymous.prepare(basic_image, holder="env_b", credentials=given)).image.config.cmd == ("sh",)
+        assert (await wrong.prepare(basic_image, holder="env_c", credentials=given)).image.config.cmd == ("sh",)
     finally:
         for each in (right, wrong, anonymous):
             each.close()

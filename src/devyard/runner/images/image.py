@@ -97,11 +97,19 @@ class ImageSource(Protocol):
         """The ids the layers' owners are shifted into; the runtime maps user namespaces to the same range."""
         ...
 
-    async def prepare(self, reference: str, *, holder: str, progress: ProgressCallback | None = None) -> Prepared:
+    async def prepare(
+        self,
+        reference: str,
+        *,
+        holder: str,
+        progress: ProgressCallback | None = None,
+        credentials: Mapping[str, tuple[str, str]] | None = None,
+    ) -> Prepared:
         """Pull ``reference`` if the host lacks it, unpack its layers, and record ``holder`` (an environment id)
         as one of its users, so garbage collection keeps it. Idempotent for the same holder. Concurrent calls for
-        the same image share one download. Raises ``errors.TemporaryError`` (network, registry 5xx, full disk)
-        or ``errors.PermanentError`` (no such image, refused credentials, corrupt blob after retries)."""
+        the same image share one download. ``credentials``: registry host -> (username, password) for this
+        pull. Raises ``errors.TemporaryError`` (network, registry 5xx, full disk) or ``errors.PermanentError``
+        (no such image, refused credentials, corrupt blob after retries)."""
         ...
 
     async def release(self, holder: str) -> None:

@@ -316,7 +316,14 @@ class ImageStore:
 
     # --- ImageSource -------------------------------------------------------------------------------------------
 
-    async def prepare(self, reference: str, *, holder: str, progress: ProgressCallback | None = None) -> Prepared:
+    async def prepare(
+        self,
+        reference: str,
+        *,
+        holder: str,
+        progress: ProgressCallback | None = None,
+        credentials: Credentials | None = None,
+    ) -> Prepared:
         parsed = parse_reference(reference)
         async with _flock(self.root / "store.lock", fcntl.LOCK_SH):
             cached = self._named_image(parsed)
@@ -330,7 +337,7 @@ class ImageStore:
                     f"image {parsed} is not in the image store; images under {parsed.registry} are never pulled, "
                     "only made by `devyard image import` or `devyard image bootstrap`"
                 )
-            prepared = await self._pull(parsed, progress)
+            prepared = await self._pull(parsed, progress, credentials)
             self._hold(holder, prepared.image.digest)
             return prepared
 
@@ -502,11 +509,16 @@ class ImageStore:
         with self._write() as database:
             database.execute("INSERT OR REPLACE INTO holders (holder, digest) VALUES (?, ?)", (holder, digest))
 
-    async def _pull(self, reference: Reference, progress: ProgressCallback | None) -> Prepared:
+    async def _pull(
+        self, reference: Reference, progress: ProgressCallback | None, credentials: Credentials | None = None
+    ) -> Prepared:
         started = time.monotonic()
         state = _Pull(str(reference), progress)
         state.report("resolve")
-        async with RegistryClient(insecure=self.insecure, credentials=self.credentials) as client:
+        # The caller's credentials (an environment's registry secrets) come before the store's own.
+        async with RegistryClient(
+            insecure=self.insecure, credentials={**self.credentials, **(credentials or {})}
+        ) as client:
             manifest = await client.resolve(reference)
 
             async def fetch(descriptor: Descriptor) -> None:
