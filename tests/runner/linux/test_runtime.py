@@ -108,6 +108,7 @@ async def test_exec_with_a_terminal(runtime_host: RuntimeHost) -> None:
         process.stdin.close()  # EOT: cat sees end of input
         await asyncio.wait_for(process.stdout.read(), 10)
         assert await asyncio.wait_for(process.wait(), 10) == 0
+        await asyncio.wait_for(process.stdin.wait_closed(), 10)
 
         process = await runtime.open_exec("env_a", ExecRequest(argv=["sh", "-c", "read _; stty size"], tty=True))
         await process.resize(33, 101)
@@ -126,6 +127,8 @@ async def test_exec_without_a_terminal(runtime_host: RuntimeHost) -> None:
         await runtime.create(spec())
         await runtime.start("env_a")
         assert (await runtime.exec("env_a", ["sh", "-c", "exit 3"])).exit_code == 3
+        override = await runtime.exec("env_a", ["sh", "-c", "echo $IMAGE_VAR"], env={"IMAGE_VAR": "from-exec"})
+        assert override.stdout == b"from-exec\n"
 
         process = await runtime.open_exec("env_a", ExecRequest(argv=["cat"]))
         process.stdin.write(b"through a pipe\n")

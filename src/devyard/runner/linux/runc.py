@@ -12,9 +12,11 @@ the init is reparented to the host's init (or a subreaper), so the runner may di
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,11 @@ class Runc:
         """``runc create``: the container's init waits for ``start``. Its stdout and stderr (and runc's own
         messages, which runc writes to the same stderr) are appended to ``console_log``; stdin is /dev/null."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # runc writes the pid file under a temporary name first, exclusively: one a killed create left behind
+        # would fail every later create.
+        for stale in (pid_file, pid_file.with_name(f".{pid_file.name}")):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         descriptor = os.open(console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         offset = os.fstat(descriptor).st_size
         try:
@@ -117,6 +124,24 @@ class Runc:
         output = await self._run("list", "--format", "json")
         items = json.loads(output) or []
         return [ContainerInfo.from_json(item) for item in items]
+
+    def incomplete(self) -> builtins.list[str]:
+        """Containers whose ``runc create`` was killed before it wrote their state: runc's own commands say
+        they do not exist, yet refuse a new container of the same id."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            entry.name for entry in self.root.iterdir() if entry.is_dir() and not (entry / "state.json").exists()
+        )
+
+    def discard_incomplete(self, container_id: str) -> bool:
+        """Remove what a killed ``runc create`` left of ``container_id`` in the state root; True if it did.
+        Its init process, if any, is in the container's cgroup: the caller kills it there."""
+        directory = self.root / container_id
+        if directory.is_dir() and not (directory / "state.json").exists():
+            shutil.rmtree(directory)
+            return True
+        return False
 
     async def exec(
         self,

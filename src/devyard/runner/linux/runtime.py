@@ -265,6 +265,9 @@ class LinuxRuntime:
             if environment_id not in known:
                 await self.runc.delete(environment_id, force=True)
                 fixed.append(f"{environment_id}: deleted runc container ({info.status}) that had no environment")
+        for environment_id in self.runc.incomplete():
+            if environment_id not in known and self._discard_incomplete_container(environment_id):
+                fixed.append(f"{environment_id}: removed a runc container that was never completely made")
         for environment_id, directories in cgroups.leftover_cgroups(self.cgroup_parent).items():
             if environment_id in known and environment_id in containers:
                 continue
@@ -298,6 +301,7 @@ class LinuxRuntime:
         for environment_id, info in containers.items():
             if environment_id not in records:
                 found.append(f"runc container without an environment: {environment_id} ({info.status})")
+        found += [f"runc container never completely made: {i}" for i in self.runc.incomplete()]
         for environment_id, directories in cgroups.leftover_cgroups(self.cgroup_parent).items():
             info = containers.get(environment_id)
             if environment_id not in records or info is None or info.status == "stopped":
@@ -417,6 +421,7 @@ class LinuxRuntime:
             await self.runc.delete(environment_id, force=True)
             info = None
         if info is None:
+            self._discard_incomplete_container(environment_id)
             await self.runc.create(
                 environment_id, directory, pid_file=directory / "pid", console_log=directory / "console.log"
             )
@@ -465,17 +470,22 @@ class LinuxRuntime:
             await self.runc.delete(environment_id, force=True)
         await _unmount_all(self._directory(environment_id))
 
+    def _discard_incomplete_container(self, environment_id: str) -> bool:
+        """Kill and remove what a runc create killed half-way left (its init, its cgroups, its state)."""
+        directories = cgroups.environment_cgroups(self.cgroup_parent, environment_id)
+        for group in directories:
+            cgroups.kill_cgroup(group)
+        removed = bool(cgroups.remove_cgroup(directories))
+        return self.runc.discard_incomplete(environment_id) or removed
+
     async def _tear_down(self, environment_id: str) -> None:
         """Remove everything of an environment that has no record (any more); idempotent."""
         await self.runc.delete(environment_id, force=True)
+        self._discard_incomplete_container(environment_id)
         directory = self._directory(environment_id)
         await _unmount_all(directory)
         if self.network is not None:
             await self.network.detach(environment_id)
-        directories = cgroups.environment_cgroups(self.cgroup_parent, environment_id)
-        for group in directories:
-            cgroups.kill_cgroup(group)
-        cgroups.remove_cgroup(directories)
         if _mounts_under(directory):
             raise TemporaryError(f"{directory} still has mounts; not removing it")
         if directory.exists():
@@ -565,6 +575,9 @@ class _PtyTransport(asyncio.WriteTransport):
         super().__init__()
         self._master = master
         self._reader = reader
+        #: The writer's protocol: told when the terminal is closed, so ``StreamWriter.wait_closed`` returns.
+        self.protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader())
+        self.protocol.connection_made(self)
         self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
         self._closing = False
@@ -652,6 +665,7 @@ class _PtyTransport(asyncio.WriteTransport):
             self._loop.remove_writer(self._master)
             os.close(self._master)
             self._master = -1
+            self.protocol.connection_lost(None)
 
     def resize(self, rows: int, columns: int) -> None:
         if self._master >= 0:
@@ -736,8 +750,7 @@ class _RuncExec:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         transport = _PtyTransport(master, reader)
-        protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader())
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        writer = asyncio.StreamWriter(transport, transport.protocol, None, loop)
         return cls(process, writer, reader, None, transport)
 
     async def resize(self, rows: int, columns: int) -> None:
@@ -756,6 +769,8 @@ class _RuncExec:
 
     async def wait(self) -> int:
         code = await self._process.wait()
+        if self._terminal is not None:
+            self._terminal.close()  # nobody writes to a finished process; the terminal closes once read to the end
         return 128 - code if code < 0 else code
 
 
