@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from devyard.runner.errors import TemporaryError
+from devyard.runner.errors import PermanentError, TemporaryError
 from devyard.runner.images.store import ImageInUse, ImageStore
 from support import host, images
 from support.images import Entry, tar_layer
@@ -144,3 +147,42 @@ async def test_a_full_disk_is_temporary_and_leaves_nothing_under_a_final_name(
         assert not any(name.startswith(".tmp-") for name in blobs | layers)
     finally:
         full.close()
+
+
+async def test_the_local_debian_image_is_built_once_on_first_use(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``devyard.local/debian:SUITE`` is bootstrapped by ``prepare`` when missing, once for concurrent callers.
+    mmdebstrap is stood in for by a script with its command line that writes a small root tarball (the real one
+    runs in ``test_cli.py::test_bootstrap_builds_a_debian_image``)."""
+    host.require()
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/usr/bin/busybox", root / "bin" / "busybox")
+    (root / "bin" / "sh").symlink_to("busybox")
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "mmdebstrap"
+    fake.parent.mkdir()
+    # mmdebstrap [options] SUITE TARGET MIRROR: the target is the second to last argument.
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import subprocess, sys, time\n"
+        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "time.sleep(0.5)\n"
+        f"subprocess.run(['tar', '-C', {str(root)!r}, '-cf', sys.argv[-2], '.'], check=True)\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+
+    prepared = await asyncio.gather(
+        *(store.prepare("devyard.local/debian:trixie", holder=f"env_{n}") for n in range(3))
+    )
+    assert len({each.image.digest for each in prepared}) == 1
+    assert len(calls.read_text().splitlines()) == 1
+    assert "trixie" in calls.read_text().split()
+    assert (prepared[0].image.layers[0] / "bin" / "busybox").is_file()
+    again = await store.prepare("devyard.local/debian:trixie", holder="env_9")
+    assert again.timings == {"pull": 0.0, "unpack": 0.0}
+    assert len(calls.read_text().splitlines()) == 1
+    with pytest.raises(PermanentError, match="never pulled"):
+        await store.prepare("devyard.local/debian:hamm", holder="env_a")  # not a suite it builds

@@ -26,6 +26,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -52,7 +53,16 @@ from devyard.runner.images.registry import (
 )
 from devyard.runner.images.unpack import TEMPORARY_PREFIX, decompress, unpack_layer
 
-__all__ = ["GarbageReport", "ImageInUse", "ImageStore", "StoredImage", "store_root", "stored_id_range"]
+__all__ = [
+    "BOOTSTRAP_SUITES",
+    "GarbageReport",
+    "ImageInUse",
+    "ImageStore",
+    "StoredImage",
+    "bootstrappable",
+    "store_root",
+    "stored_id_range",
+]
 
 _OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -67,6 +77,8 @@ CREATE TABLE IF NOT EXISTS names (reference TEXT PRIMARY KEY, digest TEXT NOT NU
 CREATE TABLE IF NOT EXISTS holders (holder TEXT PRIMARY KEY, digest TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (diff_id TEXT PRIMARY KEY, size INTEGER NOT NULL);
 """
+
+log = logging.getLogger(__name__)
 
 
 class ImageInUse(PermanentError):
@@ -258,6 +270,16 @@ async def _flock(path: Path, operation: int) -> AsyncIterator[None]:
         os.close(descriptor)
 
 
+#: The Debian suites that ``devyard.local/debian:SUITE`` is built for (with mmdebstrap) the first time it is
+#: asked for, so that a runner that reaches no registry still has a base image.
+BOOTSTRAP_SUITES = frozenset({"bookworm", "trixie", "bullseye", "stable", "testing", "unstable", "sid"})
+
+
+def bootstrappable(reference: Reference) -> bool:
+    """Whether ``prepare`` builds ``reference`` itself when it is missing: ``devyard.local/debian:SUITE``."""
+    return reference.is_local and reference.repository == "debian" and reference.tag in BOOTSTRAP_SUITES
+
+
 class ImageStore:
     """The image store under ``root``; implements ``image.ImageSource``. Call ``close`` when done."""
 
@@ -325,13 +347,17 @@ class ImageStore:
         credentials: Credentials | None = None,
     ) -> Prepared:
         parsed = parse_reference(reference)
+        started = time.monotonic()
+        if parsed.is_local and bootstrappable(parsed) and self._named_image(parsed) is None:
+            await self._bootstrap_once(parsed, progress)
+        built = time.monotonic() - started
         async with _flock(self.root / "store.lock", fcntl.LOCK_SH):
             cached = self._named_image(parsed)
             if cached is not None:
                 self._hold(holder, cached.digest)
                 if progress is not None:
                     progress(Progress(str(parsed), 0, 0, len(cached.layers), len(cached.layers), "done"))
-                return Prepared(cached, {"pull": 0.0, "unpack": 0.0})
+                return Prepared(cached, {"pull": round(built, 3), "unpack": 0.0})
             if parsed.is_local:
                 raise PermanentError(
                     f"image {parsed} is not in the image store; images under {parsed.registry} are never pulled, "
@@ -340,6 +366,30 @@ class ImageStore:
             prepared = await self._pull(parsed, progress, credentials)
             self._hold(holder, prepared.image.digest)
             return prepared
+
+    async def _bootstrap_once(self, reference: Reference, progress: ProgressCallback | None) -> None:
+        """Build ``devyard.local/debian:SUITE`` with mmdebstrap, once however many environments ask at a time."""
+        key = f"bootstrap:{reference}"
+        running = self._inflight.get(key)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        from devyard.runner.images.bootstrap import bootstrap_debian  # it imports this module
+
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            if progress is not None:
+                progress(Progress(str(reference), 0, 0, 0, 1, "bootstrap"))
+            log.info("building %s from Debian's mirror with mmdebstrap (once; a minute or two)", reference)
+            await bootstrap_debian(self, reference=str(reference), suite=reference.tag or "bookworm")
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: the waiters re-raise it
+            raise
+        finally:
+            del self._inflight[key]
 
     async def release(self, holder: str) -> None:
         with self._write() as database:
