@@ -33,7 +33,7 @@ def state_dir(tmp_path: Path, cli: Cli) -> Iterator[Path]:
 
 
 def test_exec_in_the_environment_that_up_made(cli: Cli, state_dir: Path) -> None:
-    up = cli("up", str(HELLO), "--state-dir", str(state_dir), "-o", "json").json()
+    up = cli("up", str(HELLO), "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json").json()
     environment_id = up["environment"]["metadata"]["id"]
     name = up["environment"]["metadata"]["name"]
     ran = cli(

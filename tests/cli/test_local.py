@@ -41,7 +41,7 @@ def state_dir(tmp_path: Path, cli: Cli) -> Iterator[Path]:
 
 
 def test_up_runs_the_example_and_down_stops_everything(cli: Cli, state_dir: Path, home: Path) -> None:
-    up = cli("up", str(HELLO), "--state-dir", str(state_dir))
+    up = cli("up", str(HELLO), "--state-dir", str(state_dir), "--runtime", "fake")
     environments = cli("env", "list", "-o", "json").json()["items"]
     (environment,) = environments
     environment_id = environment["metadata"]["id"]
@@ -75,16 +75,16 @@ def test_up_runs_the_example_and_down_stops_everything(cli: Cli, state_dir: Path
 
 
 def test_up_again_reuses_the_daemon_and_the_environment(cli: Cli, state_dir: Path) -> None:
-    first = cli("up", str(HELLO), "--state-dir", str(state_dir), "-o", "json").json()
+    first = cli("up", str(HELLO), "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json").json()
     assert first["daemon"]["started"] is True
-    second = cli("up", str(HELLO), "--state-dir", str(state_dir), "-o", "json").json()
+    second = cli("up", str(HELLO), "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json").json()
     assert second["daemon"]["started"] is False
     assert second["daemon"]["pid"] == first["daemon"]["pid"]
     assert second["environment"]["metadata"]["id"] == first["environment"]["metadata"]["id"]
 
     # A stopped daemon comes back on the same port with the same runner, and resumes the environment.
     cli("down", "--state-dir", str(state_dir))
-    third = cli("up", str(HELLO), "--state-dir", str(state_dir), "-o", "json").json()
+    third = cli("up", str(HELLO), "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json").json()
     assert third["daemon"]["started"] is True
     assert third["daemon"]["url"] == first["daemon"]["url"]
     assert third["daemon"]["runner_id"] == first["daemon"]["runner_id"]
@@ -92,10 +92,12 @@ def test_up_again_reuses_the_daemon_and_the_environment(cli: Cli, state_dir: Pat
     assert third["environment"]["status"]["phase"] == "running"
 
     # Another folder, or a git repository, gets an environment of its own.
-    other = cli("up", str(state_dir.parent), "--state-dir", str(state_dir), "-o", "json").json()
+    other = cli("up", str(state_dir.parent), "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json").json()
     assert other["environment"]["metadata"]["id"] != first["environment"]["metadata"]["id"]
     url = "https://github.com/example/app.git"
-    repository = cli("up", url, "--ref", "main", "--state-dir", str(state_dir), "-o", "json").json()
+    repository = cli(
+        "up", url, "--ref", "main", "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json"
+    ).json()
     assert repository["environment"]["spec"]["content"]["git"] == {"url": url, "ref": "main"}
     assert repository["environment"]["status"]["phase"] == "running"
     assert len(cli("env", "list", "-o", "json").json()["items"]) == 3
@@ -105,7 +107,7 @@ def test_up_keeps_an_existing_profile_current(cli: Cli, state_dir: Path, home: P
     path = home / ".config" / "devyard" / "config.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"current_profile": "work", "profiles": {"work": {"server": "https://w.example"}}}))
-    up = cli("up", str(HELLO), "--state-dir", str(state_dir))
+    up = cli("up", str(HELLO), "--state-dir", str(state_dir), "--runtime", "fake")
     assert "--profile local" in up.stdout
     config = json.loads(path.read_text())
     assert config["current_profile"] == "work"
@@ -118,7 +120,9 @@ def test_a_daemon_that_cannot_start_points_at_its_log(cli: Cli, state_dir: Path)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = cli("up", str(HELLO), "--state-dir", str(state_dir), "--port", str(port), ok=False)
+        result = cli(
+            "up", str(HELLO), "--state-dir", str(state_dir), "--runtime", "fake", "--port", str(port), ok=False
+        )
     assert "the local daemon exited with code 1 while starting" in result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert str(state_dir / "daemon.log") in result.stderr
@@ -126,6 +130,6 @@ def test_a_daemon_that_cannot_start_points_at_its_log(cli: Cli, state_dir: Path)
 
 
 def test_up_of_something_that_is_neither_folder_nor_url(cli: Cli, state_dir: Path) -> None:
-    result = cli("up", str(state_dir / "absent"), "--state-dir", str(state_dir), ok=False)
+    result = cli("up", str(state_dir / "absent"), "--state-dir", str(state_dir), "--runtime", "fake", ok=False)
     assert "neither a folder nor a git URL" in result.stderr
     assert not (state_dir / "daemon.pid").exists()

@@ -43,6 +43,11 @@ _state_dir_option = click.option(
 @click.option("--image", help="Use this image instead of the dev container's.")
 @click.option("--ref", help="The git branch, tag or commit (git URLs only).")
 @click.option("--wait-timeout", type=DURATION, default=600.0, show_default="10m", help="How long to wait for it.")
+@click.option(
+    "--runtime",
+    type=click.Choice(["linux", "fake"]),
+    help="The local runner's runtime, when this starts the daemon [default: linux as root, else fake].",
+)
 @output_option
 def up(
     context: str,
@@ -52,6 +57,7 @@ def up(
     image: str | None,
     ref: str | None,
     wait_timeout: float,
+    runtime: str | None,
     output: str,
 ) -> None:
     """Run an environment for CONTEXT (a folder, default `.`, or a git URL) on this machine.
@@ -68,7 +74,7 @@ def up(
     quiet = Invocation(server=None, token=None, profile=LOCAL_PROFILE, output=output)
     with quiet.progress("Starting the local daemon") as update:
         try:
-            info, started = lifecycle.ensure_daemon(state, port=port, on_progress=update)
+            info, started = lifecycle.ensure_daemon(state, port=port, runtime=runtime, on_progress=update)
         except lifecycle.DaemonError as exc:
             raise click.ClickException(str(exc)) from None
     token = state.read_admin_token()
@@ -180,6 +186,7 @@ def _daemon_json(state: StateDir, info: DaemonInfo, started: bool) -> dict[str, 
         "url": info.url,
         "pid": info.pid,
         "runner_id": info.runner_id,
+        "runtime": info.runtime,
         "started": started,
         "state_dir": str(state.root),
         "log": str(state.log_file),
@@ -203,12 +210,19 @@ def _up_summary(
         render_environment(environment),
         "",
         Text(f"Local daemon {verb} at {daemon['url']} (pid {daemon['pid']}); log: {daemon['log']}", style="dim"),
-        Text(
-            "The local runner uses the fake runtime: the environment is tracked and driven like a real one, but no "
-            "container runs yet (the Linux runtime comes next).",
-            style="yellow",
+        *(
+            [
+                Text(
+                    "The local runner uses the fake runtime (not root, or --runtime fake): the environment is "
+                    "tracked and driven like a real one, but commands run on this host as you.",
+                    style="yellow",
+                )
+            ]
+            if daemon.get("runtime") == "fake"
+            else []
         ),
         Text("Next:", style="bold"),
+        Text(f"  devyard env exec {environment_id}{profile} -- bash      a shell inside"),
         Text(f"  devyard env get {environment_id}{profile}      show it"),
         Text(f"  devyard env stop {environment_id} --wait{profile}"),
         Text(f"  devyard down{state_flag}      stop the daemon"),

@@ -9,8 +9,9 @@ spawns it. In order, it:
 3. as the admin, through the API: registers its runner unless the runner already has a credential the
    server still knows (``POST /runners``, whose exchange token the agent trades for a credential), and makes
    an environment class that runner offers unless one exists;
-4. starts the runner's agent (fake runtime, its gateway on 127.0.0.1 and a free port) against its own URL and
-   writes ``daemon.json``: ready.
+4. starts the runner's agent (the linux runtime as root, else the fake one; its gateway on 127.0.0.1 and a free
+   port; environments without an image get ``LOCAL_IMAGE``) against its own URL and writes ``daemon.json``:
+   ready.
 
 On a signal it stops the agent (containers stay as they are), then the server, and releases the lock.
 """
@@ -37,7 +38,7 @@ from devyard.local.state_dir import DaemonInfo, StateDir
 from devyard.runner import credentials
 from devyard.runner.agent import Agent
 from devyard.runner.errors import CredentialError
-from devyard.runner.settings import RunnerSettings
+from devyard.runner.settings import RunnerSettings, default_runtime
 from devyard.server.app import create_app
 from devyard.server.settings import ServerSettings
 
@@ -47,6 +48,9 @@ log = logging.getLogger("devyard.local")
 
 #: The name of the runner and of the environment class the daemon makes.
 LOCAL_NAME = "local"
+#: The image of environments that name none (and have no dev container): built from Debian's mirror on first
+#: use, so that `devyard up` needs no container registry.
+LOCAL_IMAGE = "devyard.local/debian:bookworm"
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 15.0
 
@@ -59,19 +63,20 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-async def run_daemon(state: StateDir, port: int = 0) -> int:
-    """Run until a signal; the exit status (0 after a clean stop)."""
+async def run_daemon(state: StateDir, port: int = 0, runtime: str | None = None) -> int:
+    """Run until a signal; the exit status (0 after a clean stop). ``runtime``: the embedded runner's (None: its
+    default, ``linux`` as root on Linux)."""
     pid_lock = state.hold_pid_lock()
     if pid_lock is None:
         log.error("another devyard daemon is running in %s (pid %s)", state.root, state.live_pid())
         return 1
     try:
-        return await _serve(state, port)
+        return await _serve(state, port, runtime or default_runtime())
     finally:
         pid_lock.close()
 
 
-async def _serve(state: StateDir, port: int) -> int:
+async def _serve(state: StateDir, port: int, runtime: str) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
@@ -106,7 +111,11 @@ async def _serve(state: StateDir, port: int) -> int:
             raise SystemExit(f"the server wrote no admin token to {state.server_dir / 'admin-token'}")
         # The gateway on loopback, on any free port: `devyard env exec` reaches it at the URL the runner reports.
         runner_settings = RunnerSettings(
-            server=url, state_dir=state.runner_dir, runtime="fake", gateway_listen="127.0.0.1:0"
+            server=url,
+            state_dir=state.runner_dir,
+            runtime=runtime,
+            gateway_listen="127.0.0.1:0",
+            default_image=LOCAL_IMAGE,
         )
         async with AsyncClient(url, admin_token) as client:
             runner_id, exchange_token = await _ensure_runner(client, runner_settings.credential_path())
@@ -114,7 +123,11 @@ async def _serve(state: StateDir, port: int) -> int:
         runner_settings = runner_settings.model_copy(update={"exchange_token": exchange_token})
         agent = Agent(runner_settings)
         running = asyncio.create_task(agent.run(), name="runner")
-        state.write_info(DaemonInfo(pid=os.getpid(), url=url, port=port, runner_id=runner_id, started_at=time.time()))
+        state.write_info(
+            DaemonInfo(
+                pid=os.getpid(), url=url, port=port, runner_id=runner_id, started_at=time.time(), runtime=runtime
+            )
+        )
         log.info("ready: runner %s, state in %s", runner_id, state.root)
         waiting = asyncio.create_task(stopping.wait())
         done, _ = await asyncio.wait({waiting, serving, running}, return_when=asyncio.FIRST_COMPLETED)
@@ -253,10 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m devyard.local", description=__doc__.split("\n")[0])
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--port", type=int, default=0, help="0: the previous run's port if free, else any")
+    parser.add_argument("--runtime", choices=("linux", "fake"), help="the runner's runtime; default: linux as root")
     options = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("DEVYARD_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns what matters
-    raise SystemExit(asyncio.run(run_daemon(StateDir(options.state_dir.resolve()), options.port)))
+    raise SystemExit(asyncio.run(run_daemon(StateDir(options.state_dir.resolve()), options.port, options.runtime)))

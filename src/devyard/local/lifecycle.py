@@ -43,10 +43,12 @@ def ensure_daemon(
     state: StateDir,
     *,
     port: int = 0,
+    runtime: str | None = None,
     timeout: float = 60.0,
     on_progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[DaemonInfo, bool]:
-    """A ready daemon, and whether this call started it. ``port`` 0 picks the previous port, or a free one."""
+    """A ready daemon, and whether this call started it. ``port`` 0 picks the previous port, or a free one;
+    ``runtime`` (``linux`` or ``fake``; None: the runner's default) applies to a daemon this call starts."""
     state.create()
     try:
         with state.operation_lock(timeout):
@@ -56,7 +58,7 @@ def ensure_daemon(
             process = None
             if state.live_pid() is None:
                 on_progress("Starting the local daemon")
-                process = _spawn(state, port)
+                process = _spawn(state, port, runtime)
             else:
                 on_progress("Waiting for the local daemon to be ready")
             return _wait_ready(state, process, timeout), process is not None
@@ -98,8 +100,10 @@ def last_log_line(state: StateDir) -> str:
     return lines[-1] if lines else ""
 
 
-def _spawn(state: StateDir, port: int) -> subprocess.Popen[bytes]:
+def _spawn(state: StateDir, port: int, runtime: str | None) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "devyard.local", "--state-dir", str(state.root), "--port", str(port)]
+    if runtime is not None:
+        command += ["--runtime", runtime]
     with open(state.log_file, "ab") as log:
         log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(command)}\n".encode())
         log.flush()

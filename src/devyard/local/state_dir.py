@@ -32,6 +32,8 @@ class DaemonInfo:
     port: int
     runner_id: str
     started_at: float
+    #: The embedded runner's runtime: ``linux`` or ``fake``.
+    runtime: str = "fake"
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> DaemonInfo:
@@ -41,6 +43,7 @@ class DaemonInfo:
             port=int(raw["port"]),
             runner_id=str(raw["runner_id"]),
             started_at=float(raw["started_at"]),
+            runtime=str(raw.get("runtime", "fake")),
         )
 
 
