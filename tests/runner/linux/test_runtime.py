@@ -8,9 +8,14 @@ Every test gets its own state directory, runc root and cgroup parent (``runtime_
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import os
+import random
 import re
+import secrets
 import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,8 +24,10 @@ import pytest
 
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError
 from devyard.runner.linux import cgroups
+from devyard.runner.linux.network import Network
 from devyard.runner.linux.oci_config import BindMount
 from devyard.runner.runtime import ContainerSpec, ContainerState, ExecRequest
+from support import host
 
 from .runtime_host import RuntimeHost, busybox_layer_fixture, running_runtime, runtime_host_fixture  # noqa: F401  (fixtures)
 
@@ -308,3 +315,77 @@ async def test_a_new_runtime_adopts_a_container_whose_runner_was_killed(runtime_
         assert await runtime.repair() == []
         assert (await runtime.exec("env_a", ["echo", "adopted"])).stdout == b"adopted\n"
         assert (await runtime.stop("env_a")).exit_code == 0
+
+
+def unused_subnet() -> ipaddress.IPv4Network:
+    """A /24 in 10.233.0.0/16 that no route of the host overlaps."""
+    output = subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True, text=True)
+    routes = [
+        ipaddress.IPv4Network(route["dst"], strict=False)
+        for route in json.loads(output.stdout or "[]")
+        if route.get("dst") not in (None, "default")
+    ]
+    candidates = list(ipaddress.IPv4Network("10.233.0.0/16").subnets(new_prefix=24))
+    random.shuffle(candidates)
+    return next(c for c in candidates if not any(c.overlaps(r) for r in routes if r.prefixlen > 0))
+
+
+async def test_a_container_joins_the_network_of_its_environment(runtime_host: RuntimeHost) -> None:
+    host.require("runc", "ip", "nft", "unshare")
+    bridge = f"dyr{secrets.token_hex(3)}"
+    network = Network(
+        runtime_host.base / "network",
+        subnet=str(unused_subnet()),
+        bridge=bridge,
+        netns_dir=runtime_host.base / "netns",
+    )
+    try:
+        async with running_runtime(runtime_host, network=network) as runtime:
+            await runtime.create(spec(labels={"devyard.io/name": "net box"}))
+            await runtime.start("env_a")
+            [attachment] = await network.attachments()
+            result = await runtime.exec(
+                "env_a", ["sh", "-c", "cat /etc/resolv.conf; echo --; cat /etc/hosts; ip -o -4 addr"]
+            )
+            resolv_conf, _, rest = result.stdout.decode().partition("--\n")
+            assert resolv_conf == attachment.resolv_conf
+            hosts, addresses = rest[: len(attachment.hosts)], rest[len(attachment.hosts) :]
+            assert hosts == attachment.hosts
+            assert f"inet {attachment.address}/" in addresses
+            assert await runtime.orphans() == []
+
+            await runtime.stop("env_a")
+            assert await network.attachments() == []  # a stopped environment holds no address
+            await runtime.start("env_a")
+            [attachment] = await network.attachments()
+            result = await runtime.exec("env_a", ["sh", "-c", "ls /sys/class/net; ip -o -4 addr show eth0"])
+            assert result.stdout.split()[:2] == [b"eth0", b"lo"]
+            assert f"inet {attachment.address}/".encode() in result.stdout
+            assert await runtime.orphans() == []
+
+            await runtime.delete("env_a")
+            assert await network.attachments() == []
+            assert await runtime.orphans() == []
+    finally:
+        await network.teardown()
+        await asyncio.to_thread(subprocess.run, ["ip", "link", "del", bridge], capture_output=True, check=False)
+
+
+async def test_user_lookup_never_follows_a_symlink_out_of_the_container(runtime_host: RuntimeHost) -> None:
+    planted = runtime_host.base / "planted-passwd"
+    planted.write_text("evil:x:4242:4242::/:/bin/sh\n")
+    async with running_runtime(runtime_host) as runtime:
+        await runtime.create(spec())
+        await runtime.start("env_a")
+        for target in (str(planted), f"../../../../../../../..{planted}"):
+            link = await runtime.exec("env_a", ["ln", "-sfn", target, "/etc/passwd"])
+            assert link.exit_code == 0
+            with pytest.raises(PermanentError, match="no user 'evil'"):
+                await runtime.open_exec("env_a", ExecRequest(argv=["id"], user="evil"))
+        # Inside the container the same names resolve inside it.
+        await runtime.exec(
+            "env_a", ["sh", "-c", "echo 'evil:x:4243:4243::/:/bin/sh' > /etc/evil; ln -sfn evil /etc/passwd"]
+        )
+        process = await runtime.open_exec("env_a", ExecRequest(argv=["id", "-u"], user="evil"))
+        process.stdin.close()
+        assert await process.stdout.read() == b"4243\n"

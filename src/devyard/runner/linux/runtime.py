@@ -364,24 +364,16 @@ class LinuxRuntime:
         return await self._status(record)
 
     async def _make_container(self, record: _Record) -> None:
-        """Mount the root, join the network, write the bundle and ``runc create``; each part idempotent."""
+        """Mount the root, write the bundle, ``runc create``, and attach the network; each part idempotent."""
         environment_id = record.spec.environment_id
         directory = self._directory(environment_id)
         rootfs = self._rootfs(environment_id)
         if not self._mounted(environment_id):
             await _mount_overlay(record.layers, directory / "upper", directory / "work", rootfs)
         hostname = oci_config.hostname_for(record.spec.labels, environment_id)
-        netns_path: Path | None = None
-        if self.network is not None:
-            if not self._network_ready:
-                await self.network.setup()
-                self._network_ready = True
-            attachment = await self.network.attach(environment_id, hostname=hostname)
-            netns_path = attachment.netns_path
-            resolv_conf, hosts = attachment.resolv_conf, attachment.hosts
-        else:
-            resolv_conf = "# no network: this environment has loopback only\n"
-            hosts = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+        # Without a network these stay; with one, _attach_network rewrites them in place (they are bound by inode).
+        resolv_conf = "# no network: this environment has loopback only\n"
+        hosts = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
         _write_atomically(directory / "resolv.conf", resolv_conf.encode(), mode=0o644)
         _write_atomically(directory / "hosts", hosts.encode(), mode=0o644)
         config = record.image_config
@@ -402,7 +394,9 @@ class LinuxRuntime:
             ),
             hostname=hostname,
             id_range=self.images.id_range,
-            netns_path=netns_path,
+            # Always a new namespace, owned by the container's user namespace: runc 1.1's exec enters the user
+            # namespace first and then may not enter a network namespace the host's user namespace owns.
+            netns_path=None,
             cgroups_path=cgroups.cgroups_path(self.cgroup_parent, environment_id),
             resources=cgroups.resources(
                 cpu=record.spec.cpu, memory_mib=record.spec.memory_mib, pids_limit=self.pids_limit
@@ -425,6 +419,38 @@ class LinuxRuntime:
             await self.runc.create(
                 environment_id, directory, pid_file=directory / "pid", console_log=directory / "console.log"
             )
+            info = await self.runc.state(environment_id)
+        if info is not None and info.pid > 0:
+            await self._attach_network(environment_id, hostname, info.pid)
+
+    async def _attach_network(self, environment_id: str, hostname: str, pid: int) -> None:
+        """Hand the network the container's own namespace and wire it; idempotent.
+
+        The network keeps a namespace mounted at ``<netns_dir>/<id>`` and keeps one it finds there, so the
+        container's namespace is bind-mounted there before ``attach``. One of an earlier container of the
+        environment (before a stop, a crash) is detached first: the address may change across a restart.
+        """
+        if self.network is None:
+            return
+        if not self._network_ready:
+            await self.network.setup()
+            self._network_ready = True
+        netns = self.network.netns_dir / environment_id
+        namespace = os.stat(f"/proc/{pid}/ns/net")
+        with contextlib.suppress(FileNotFoundError):
+            current = os.stat(netns)
+            if (current.st_dev, current.st_ino) != (namespace.st_dev, namespace.st_ino):
+                await self.network.detach(environment_id)
+        if not _is_mount_point(netns):
+            netns.parent.mkdir(parents=True, exist_ok=True)
+            netns.touch()
+            code, output = await _command("mount", "--bind", f"/proc/{pid}/ns/net", str(netns))
+            if code != 0:
+                raise TemporaryError(f"binding the network namespace of {environment_id} failed: {output}")
+        attachment = await self.network.attach(environment_id, hostname=hostname)
+        directory = self._directory(environment_id)
+        _write_in_place(directory / "resolv.conf", attachment.resolv_conf.encode())
+        _write_in_place(directory / "hosts", attachment.hosts.encode())
 
     async def _start(self, record: _Record) -> ContainerStatus:
         environment_id = record.spec.environment_id
@@ -439,6 +465,9 @@ class LinuxRuntime:
             await self._make_container(record)
             timings["create"] = time.monotonic() - began
             began = time.monotonic()
+        else:  # created: by create, or by a start a crash interrupted before it attached the network
+            hostname = oci_config.hostname_for(record.spec.labels, environment_id)
+            await self._attach_network(environment_id, hostname, info.pid)
         await self.runc.start(environment_id)
         timings["start"] = time.monotonic() - began
         record = self._write_record(
@@ -465,9 +494,11 @@ class LinuxRuntime:
         return self._status_of(record, None)
 
     async def _release(self, environment_id: str, info: ContainerInfo | None) -> None:
-        """Delete the runc container and unmount the root; the disk stays."""
+        """Delete the runc container, detach its network and unmount the root; the disk stays."""
         if info is not None:
             await self.runc.delete(environment_id, force=True)
+        if self.network is not None:
+            await self.network.detach(environment_id)
         await _unmount_all(self._directory(environment_id))
 
     def _discard_incomplete_container(self, environment_id: str) -> bool:
@@ -805,6 +836,17 @@ async def _unmount_all(directory: Path) -> None:
             code, output = await _command("umount", "--lazy", str(mount_point))
             if code != 0:
                 raise TemporaryError(f"unmounting {mount_point} failed: {output}")
+
+
+def _is_mount_point(path: Path) -> bool:
+    return path in _mounts_under(path)
+
+
+def _write_in_place(path: Path, data: bytes) -> None:
+    """Replace a file's contents keeping its inode: a bind mount of it shows the new contents."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
 
 
 def _mounts_under(directory: Path) -> list[Path]:
