@@ -389,3 +389,24 @@ async def test_user_lookup_never_follows_a_symlink_out_of_the_container(runtime_
         process = await runtime.open_exec("env_a", ExecRequest(argv=["id", "-u"], user="evil"))
         process.stdin.close()
         assert await process.stdout.read() == b"4243\n"
+
+
+async def test_orphans_are_reported_and_repair_removes_them(runtime_host: RuntimeHost) -> None:
+    async with running_runtime(runtime_host) as runtime:
+        await runtime.create(spec())
+        await runtime.start("env_a")
+        ghost_groups = [h / runtime_host.cgroup_parent / "env_ghost" for h in cgroups.hierarchies()[:2]]
+        for group in ghost_groups:
+            group.mkdir(parents=True)
+        (runtime_host.state_dir / "environments" / "env_half" / "upper").mkdir(parents=True)
+
+        found = await runtime.orphans()
+        assert any("env_half" in line for line in found)
+        assert sum("env_ghost" in line for line in found) == len(ghost_groups)
+        assert not any("env_a" in line for line in found)  # the running one is explained by its record
+
+        fixed = await runtime.repair()
+        assert any("env_half" in line for line in fixed) and any("env_ghost" in line for line in fixed)
+        assert await runtime.orphans() == []
+        assert not any(group.exists() for group in ghost_groups)
+        assert (await runtime.inspect("env_a")).state is ContainerState.RUNNING  # type: ignore[union-attr]

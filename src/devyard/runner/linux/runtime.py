@@ -16,6 +16,13 @@ PID 1 (decided once here, documented in ``init_process``): the image's entrypoin
 empty or a bare shell (``bash``, ``/bin/sh -l``...): a dev environment must stay up, so then PID 1 is a
 keep-alive loop of the image's own ``/bin/sh`` that exits 0 on SIGTERM. Nothing is injected into the image.
 
+Network: every container gets a new network namespace from runc, owned by its user namespace (runc 1.1's
+``exec`` enters the user namespace first, and from there may not enter one the host owns). After ``runc
+create`` the runtime bind-mounts that namespace at ``<network.netns_dir>/<id>`` and calls ``network.attach``,
+which keeps a namespace it finds mounted there and wires its veth into it; the resolv.conf and hosts files are
+then rewritten in place. ``stop`` detaches (the namespace dies with the container), so the address may change
+across a restart; ``delete`` detaches too. Without a network the namespace has loopback only.
+
 Crash safety: a runner killed at any point leaves something the next call (or ``repair``) finishes or undoes:
 
 - ``create`` writes the record last, so an environment directory without a record is an incomplete create
