@@ -23,13 +23,15 @@ from pathlib import Path
 import pytest
 
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError
+from devyard.runner.images.image import Prepared, Progress, ProgressCallback
 from devyard.runner.linux import cgroups
 from devyard.runner.linux.network import Network
 from devyard.runner.linux.oci_config import BindMount
 from devyard.runner.runtime import ContainerSpec, ContainerState, ExecRequest
 from support import host
 
-from .runtime_host import RuntimeHost, busybox_layer_fixture, running_runtime, runtime_host_fixture  # noqa: F401  (fixtures)
+from .busybox_image import BusyboxImages
+from .runtime_host import ID_RANGE, RuntimeHost, busybox_layer_fixture, running_runtime, runtime_host_fixture  # noqa: F401  (fixtures)
 
 TESTS_DIR = Path(__file__).resolve().parents[2]
 
@@ -410,3 +412,26 @@ async def test_orphans_are_reported_and_repair_removes_them(runtime_host: Runtim
         assert await runtime.orphans() == []
         assert not any(group.exists() for group in ghost_groups)
         assert (await runtime.inspect("env_a")).state is ContainerState.RUNNING  # type: ignore[union-attr]
+
+
+async def test_progress_of_a_slow_create(runtime_host: RuntimeHost) -> None:
+    release = asyncio.Event()
+
+    class SlowImages(BusyboxImages):
+        async def prepare(self, reference: str, *, holder: str, progress: ProgressCallback | None = None) -> Prepared:
+            assert progress is not None
+            progress(
+                Progress(reference, fetched=1_000_000, total=2_000_000, layers_done=0, layers_total=1, step="fetch")
+            )
+            await release.wait()
+            return await super().prepare(reference, holder=holder, progress=progress)
+
+    async with running_runtime(runtime_host) as runtime:
+        runtime.images = SlowImages(runtime_host.layer, ID_RANGE)
+        assert runtime.progress("env_a") is None
+        creating = asyncio.create_task(runtime.create(spec()))
+        await asyncio.sleep(0.1)
+        assert runtime.progress("env_a") == "pulling busybox: 1.0 of 2.0 MB"
+        release.set()
+        assert (await creating).state is ContainerState.CREATED
+        assert runtime.progress("env_a") is None

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError, TemporaryError
-from devyard.runner.images.image import ImageConfig, ImageSource
+from devyard.runner.images.image import ImageConfig, ImageSource, Progress
 from devyard.runner.linux import cgroups, oci_config, seccomp
 from devyard.runner.linux.network import Network
 from devyard.runner.linux.runc import ContainerInfo, Runc
@@ -155,6 +155,8 @@ class LinuxRuntime:
                 directory.chmod(stat.S_IMODE(mode) | 0o011)
         self._locks: dict[str, asyncio.Lock] = {}
         self._network_ready = False
+        #: What each create in progress is doing, for ``progress``.
+        self._creating: dict[str, str] = {}
 
     # The Runtime protocol.
 
@@ -166,12 +168,19 @@ class LinuxRuntime:
                 return await self._status(record)
             if self._directory(environment_id).exists():
                 await self._tear_down(environment_id)  # an incomplete create or delete of a previous process
+            self._creating[environment_id] = f"getting the image {spec.image}"
             try:
                 return await self._create(spec)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await self._tear_down(environment_id)
                 raise
+            finally:
+                self._creating.pop(environment_id, None)
+
+    def progress(self, environment_id: str) -> str | None:
+        """How far a create in progress has come (the image's pull and unpack, then the container), or None."""
+        return self._creating.get(environment_id)
 
     async def start(self, environment_id: str) -> ContainerStatus:
         async with self._lock(environment_id):
@@ -349,7 +358,19 @@ class LinuxRuntime:
 
     async def _create(self, spec: ContainerSpec) -> ContainerStatus:
         environment_id = spec.environment_id
-        prepared = await self.images.prepare(spec.image, holder=environment_id)
+
+        def report(progress: Progress) -> None:
+            if progress.step == "fetch":
+                done, total = progress.fetched / 1e6, progress.total / 1e6
+                line = f"pulling {progress.reference}: {done:.1f} of {total:.1f} MB"
+            elif progress.step == "unpack":
+                line = f"unpacking {progress.reference}: {progress.layers_done} of {progress.layers_total} layers"
+            else:
+                line = f"getting the image {progress.reference} ({progress.step})"
+            self._creating[environment_id] = line
+
+        prepared = await self.images.prepare(spec.image, holder=environment_id, progress=report)
+        self._creating[environment_id] = "creating the container"
         started = time.monotonic()
         directory = self._directory(environment_id)
         directory.mkdir(mode=0o711, exist_ok=True)
