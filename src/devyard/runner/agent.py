@@ -41,7 +41,7 @@ from devyard.runner.backoff import Backoff, BackoffPolicy
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.controller import Controller
 from devyard.runner.environments import EnvironmentReconciler
-from devyard.runner.errors import CredentialError
+from devyard.runner.errors import CredentialError, RunnerError
 from devyard.runner.fake_runtime import FakeRuntime, FakeRuntimeConfig
 from devyard.runner.gateway import Gateway, TicketCheck
 from devyard.runner.informer import Informer
@@ -66,6 +66,20 @@ def make_runtime(settings: RunnerSettings, clock: Clock | None = None) -> Runtim
             failure_permanent=settings.fake_failure_permanent,
         )
         return FakeRuntime(config, clock=clock, state_file=settings.fake_state_path())
+    if settings.runtime == "linux":
+        from devyard.runner.images.image import IdRange
+        from devyard.runner.images.store import ImageStore, store_root
+        from devyard.runner.linux.network import Network
+        from devyard.runner.linux.runtime import LinuxRuntime
+
+        id_range = IdRange(settings.id_range_start, settings.id_range_size)
+        store = ImageStore(store_root(settings.state_dir), id_range=id_range, insecure=settings.insecure_registries)
+        return LinuxRuntime(
+            settings.state_dir,
+            images=store,
+            network=Network.from_settings(settings),
+            stop_timeout=settings.stop_timeout,
+        )
     raise ValueError(f"unknown runtime {settings.runtime!r}")
 
 
@@ -168,6 +182,13 @@ class Agent:
         )
         runner_id = credential.runner_id
         self.runner_id = runner_id
+        # Finish or undo what a previous process left half-done (killed in the middle of a start, say) before
+        # anything else touches the containers.
+        try:
+            for repaired in await self.runtime.repair():
+                log.warning("repaired: %s", repaired)
+        except RunnerError as exc:
+            log.error("cannot repair what a previous runner left on this host: %s", exc)
         client = AsyncClient(settings.server, credential.token, transport=self._transport, retry=self._retry)
         try:
             self.informer = Informer(

@@ -26,6 +26,7 @@ runs without one.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import os
@@ -229,6 +230,9 @@ class FakeRuntime:
     async def list(self) -> list[ContainerStatus]:
         await self._operation("list")
         return list(self._containers.values())
+
+    async def repair(self) -> builtins.list[str]:
+        return []  # every change is one atomic write of the state file: nothing is ever half-done
 
     async def close(self) -> None:
         self._save()

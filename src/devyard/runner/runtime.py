@@ -18,6 +18,7 @@ Contract for implementations:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,6 +203,11 @@ class Runtime(Protocol):
 
     async def list(self) -> list[ContainerStatus]:
         """Every container this runtime holds, including those a previous runner process made."""
+        ...
+
+    async def repair(self) -> builtins.list[str]:
+        """Finish or undo what a runner killed in the middle of an operation left on the host (a half-made
+        container, a mount without one); return a line for each thing done. The agent calls it on start."""
         ...
 
     async def close(self) -> None:

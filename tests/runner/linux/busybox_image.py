@@ -65,7 +65,14 @@ class BusyboxImages:
     def id_range(self) -> IdRange:
         return self._id_range
 
-    async def prepare(self, reference: str, *, holder: str, progress: ProgressCallback | None = None) -> Prepared:
+    async def prepare(
+        self,
+        reference: str,
+        *,
+        holder: str,
+        progress: ProgressCallback | None = None,
+        credentials: Mapping[str, tuple[str, str]] | None = None,
+    ) -> Prepared:
         try:
             config = IMAGES[reference]
         except KeyError:

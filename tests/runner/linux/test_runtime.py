@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -418,7 +419,14 @@ async def test_progress_of_a_slow_create(runtime_host: RuntimeHost) -> None:
     release = asyncio.Event()
 
     class SlowImages(BusyboxImages):
-        async def prepare(self, reference: str, *, holder: str, progress: ProgressCallback | None = None) -> Prepared:
+        async def prepare(
+            self,
+            reference: str,
+            *,
+            holder: str,
+            progress: ProgressCallback | None = None,
+            credentials: Mapping[str, tuple[str, str]] | None = None,
+        ) -> Prepared:
             assert progress is not None
             progress(
                 Progress(reference, fetched=1_000_000, total=2_000_000, layers_done=0, layers_total=1, step="fetch")

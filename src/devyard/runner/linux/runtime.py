@@ -365,11 +365,15 @@ class LinuxRuntime:
                 line = f"pulling {progress.reference}: {done:.1f} of {total:.1f} MB"
             elif progress.step == "unpack":
                 line = f"unpacking {progress.reference}: {progress.layers_done} of {progress.layers_total} layers"
+            elif progress.step == "bootstrap":
+                line = f"building {progress.reference} from Debian's mirror (the first time only; a minute or two)"
             else:
                 line = f"getting the image {progress.reference} ({progress.step})"
             self._creating[environment_id] = line
 
-        prepared = await self.images.prepare(spec.image, holder=environment_id, progress=report)
+        prepared = await self.images.prepare(
+            spec.image, holder=environment_id, progress=report, credentials=spec.registry_credentials
+        )
         self._creating[environment_id] = "creating the container"
         started = time.monotonic()
         directory = self._directory(environment_id)
