@@ -79,6 +79,8 @@ def make_runtime(settings: RunnerSettings, clock: Clock | None = None) -> Runtim
             images=store,
             network=Network.from_settings(settings),
             stop_timeout=settings.stop_timeout,
+            # As with the network's namespaces: another runner's cgroups must not look like this one's orphans.
+            cgroup_parent="devyard" if settings.bridge == "devyard0" else f"devyard-{settings.bridge}",
         )
     raise ValueError(f"unknown runtime {settings.runtime!r}")
 

@@ -195,6 +195,8 @@ class Network:
             settings.state_dir,
             subnet=settings.network_subnet,
             bridge=settings.bridge,
+            # Runners on one host have a bridge each; their namespaces must not look like each other's orphans.
+            netns_dir=NETNS_DIR if settings.bridge == "devyard0" else NETNS_DIR.parent / f"netns-{settings.bridge}",
             blocked_ranges=[str(r) for r in settings.network_blocked_ranges],
             allowed_host_ports=settings.network_allowed_host_ports,
             fallback_nameservers=[str(s) for s in settings.network_nameservers] or DEFAULT_FALLBACK_NAMESERVERS,
