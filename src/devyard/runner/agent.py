@@ -4,6 +4,7 @@
 inside their own event loop. ``Agent.run()`` does, in order:
 
 1. Gets its credential (``credentials.obtain``): the stored one, or a new one for the exchange token.
+   With a linux runtime it then holds ``state_lock`` on its state directory until it stops.
 2. Starts, side by side, until ``stop()``:
    - the heartbeat: ``PUT /api/v1/runners/{id}/status`` every ``heartbeat_interval`` (jittered); failures
      back off and are retried, except a refused credential, which stops the agent with ``CredentialError``;
@@ -30,18 +31,18 @@ import asyncio
 import logging
 import random
 from collections.abc import Coroutine, Iterable
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
 from devyard import __version__
 from devyard.client import ApiError, AsyncClient, RetryPolicy, TransportError
-from devyard.runner import credentials
+from devyard.runner import credentials, state_lock
 from devyard.runner.backoff import Backoff, BackoffPolicy
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.controller import Controller
 from devyard.runner.environments import EnvironmentReconciler
-from devyard.runner.errors import CredentialError, RunnerError
+from devyard.runner.errors import CredentialError, PermanentError, RunnerError
 from devyard.runner.fake_runtime import FakeRuntime, FakeRuntimeConfig
 from devyard.runner.gateway import Gateway, TicketCheck
 from devyard.runner.informer import Informer
@@ -184,6 +185,29 @@ class Agent:
         )
         runner_id = credential.runner_id
         self.runner_id = runner_id
+        lock = self._hold_state_lock()
+        try:
+            await self._serve_as(credential.token, runner_id)
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _hold_state_lock(self) -> IO[str] | None:
+        """Lock the state directory while a linux runtime acts on the host: a second runner, or ``devyard runner
+        doctor --fix``, repairing the same containers at once would undo each other's steps."""
+        if self.runtime.name != "linux":
+            return None
+        lock = state_lock.hold(self.settings.state_dir)
+        if lock is None:
+            holder = state_lock.holder(self.settings.state_dir)
+            raise PermanentError(
+                f"another process (pid {holder}) holds {state_lock.lock_path(self.settings.state_dir)}: "
+                "a runner, or `devyard runner doctor --fix`, already acts on this state directory"
+            )
+        return lock
+
+    async def _serve_as(self, token: str, runner_id: str) -> None:
+        settings = self.settings
         # Finish or undo what a previous process left half-done (killed in the middle of a start, say) before
         # anything else touches the containers.
         try:
@@ -191,7 +215,7 @@ class Agent:
                 log.warning("repaired: %s", repaired)
         except RunnerError as exc:
             log.error("cannot repair what a previous runner left on this host: %s", exc)
-        client = AsyncClient(settings.server, credential.token, transport=self._transport, retry=self._retry)
+        client = AsyncClient(settings.server, token, transport=self._transport, retry=self._retry)
         try:
             self.informer = Informer(
                 client,
