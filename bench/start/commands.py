@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["CommandFailed", "find", "run"]
+__all__ = ["CommandFailed", "find", "run", "unmount_under"]
 
 
 class CommandFailed(RuntimeError):
@@ -71,3 +71,12 @@ def run(
             f"{' '.join(command)}: exit status {result.returncode}; stderr: {stderr[-3000:]!r}; stdout: {stdout!r}"
         )
     return (result.stdout or b"").decode(errors="replace")
+
+
+def unmount_under(directory: Path) -> None:
+    """Unmount (lazily, deepest first) whatever is still mounted below ``directory``: what a stopped daemon
+    left, before the directory is removed."""
+    prefix = str(directory.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], check=False, capture_output=True, timeout=30)

@@ -40,13 +40,6 @@ class DockerEngine:
         return commands.run([self.cli, *arguments], timeout=timeout, env=self.env)
 
 
-def _unmount_under(directory: Path) -> None:
-    prefix = str(directory.resolve()) + "/"
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mount], check=False, capture_output=True, timeout=30)
-
-
 @contextmanager
 def running_engine(work: Path) -> Iterator[DockerEngine]:
     """Start ``dockerd`` under ``work`` and wait until it answers; stop it and clean up on exit."""
@@ -79,7 +72,7 @@ def running_engine(work: Path) -> Iterator[DockerEngine]:
         yield DockerEngine(cli, env, process.pid, version)
     finally:
         _stop(process)
-        _unmount_under(work)
+        commands.unmount_under(work)
         shutil.rmtree(work / "data", ignore_errors=True)
         shutil.rmtree(work / "exec", ignore_errors=True)
 
