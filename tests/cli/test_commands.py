@@ -86,7 +86,9 @@ def test_errors_are_one_line_and_exit_non_zero(cli: Cli, server: LiveServer, adm
     assert "invalid input: name: a name is 1 to 63 lower-case letters" in invalid.stderr
 
     usage = cli("env", "create", env=admin_env, ok=False)
-    assert usage.returncode == 2 and "Missing argument 'CONTEXT'" in usage.stderr
+    assert usage.returncode == 2 and "give a CONTEXT (a git URL or a folder), or --image REF" in usage.stderr
+    image_only = cli("env", "create", "--image", "busybox", "--ref", "main", env=admin_env, ok=False)
+    assert image_only.returncode == 2 and "--ref applies to a git URL only" in image_only.stderr
 
 
 def test_runner_create_prints_the_exact_command_once(cli: Cli, server: LiveServer, admin_env: dict[str, str]) -> None:

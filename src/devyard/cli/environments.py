@@ -69,7 +69,7 @@ def content_from_context(context: str, ref: str | None = None) -> ContentSpec:
 
 
 @env.command("create")
-@click.argument("context")
+@click.argument("context", required=False)
 @click.option("--name", help="A name (lower-case letters, digits, '.', '_', '-'); default: generated.")
 @click.option("--class", "class_ref", metavar="CLASS", help="Environment class id or name; default: the default class.")
 @click.option("--image", help="Use this image instead of the dev container's.")
@@ -84,7 +84,7 @@ def content_from_context(context: str, ref: str | None = None) -> ContentSpec:
 @api_command
 def create_environment(
     invocation: Invocation,
-    context: str,
+    context: str | None,
     name: str | None,
     class_ref: str | None,
     image: str | None,
@@ -96,13 +96,18 @@ def create_environment(
     wait: bool,
     wait_timeout: float,
 ) -> None:
-    """Create an environment from CONTEXT: a git URL or a local folder (on a desktop runner)."""
+    """Create an environment from CONTEXT: a git URL or a local folder (on a desktop runner); or, with --image
+    and no CONTEXT, an environment of that image with no content at all."""
     from devyard.cli._references import resolve_id
     from devyard.wire.environments import EnvironmentCreate, EnvironmentSpec
     from devyard.wire.meta import MetadataWrite
 
+    if context is None and image is None:
+        raise click.UsageError("give a CONTEXT (a git URL or a folder), or --image REF for an environment without one")
+    if context is None and ref is not None:
+        raise click.BadParameter("--ref applies to a git URL only", param_hint="--ref")
     client = invocation.client()
-    spec: dict[str, Any] = {"content": content_from_context(context, ref)}
+    spec: dict[str, Any] = {} if context is None else {"content": content_from_context(context, ref)}
     if class_ref is not None:
         spec["class_id"] = resolve_id(client, "environment-classes", "EnvironmentClass", class_ref)
     if project_ref is not None:
