@@ -32,7 +32,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from pydantic import TypeAdapter
 
@@ -216,13 +216,9 @@ class EnvironmentReconciler:
         if cached is not None and self._clock.now() - cached[0] < _ORGANIZATION_TTL_SECONDS:
             return cached[1]
         try:
-            data = await self._client.get(f"/api/v1/organizations/{organization_id}")
-        except TransportError as exc:
-            raise TemporaryError(f"cannot read organization {organization_id}: {exc}") from exc
-        except ApiError as exc:
-            if exc.status >= 500 or exc.status in (408, 429):
-                raise TemporaryError(f"cannot read organization {organization_id}: {exc}") from exc
-            log.warning("cannot read organization %s (%s); using the runner's default image", organization_id, exc)
+            data = await self._read(f"/api/v1/organizations/{organization_id}", f"organization {organization_id}")
+        except PermanentError as exc:
+            log.warning("%s; using the runner's default image", exc)
             image = None
         else:
             image = Organization.model_validate(data).spec.policy.default_image
@@ -232,14 +228,7 @@ class EnvironmentReconciler:
     async def _secrets(self, key: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
         """The environment's secrets the container needs at creation: environment variables, and registry
         credentials by host. (Files and git credentials are the content's business.)"""
-        try:
-            answer = await self._client.get(f"/api/v1/environments/{key}/secrets")
-        except TransportError as exc:
-            raise TemporaryError(f"cannot read the secrets of {key}: {exc}") from exc
-        except ApiError as exc:
-            if exc.status >= 500 or exc.status in (408, 429):
-                raise TemporaryError(f"cannot read the secrets of {key}: {exc}") from exc
-            raise PermanentError(f"the server refused the secrets of {key}: {exc}") from exc
+        answer = await self._read(f"/api/v1/environments/{key}/secrets", f"the secrets of {key}")
         env: dict[str, str] = {}
         registries: dict[str, tuple[str, str]] = {}
         for secret in TypeAdapter(list[SecretValue]).validate_python(answer):
@@ -255,18 +244,25 @@ class EnvironmentReconciler:
             return None
         if class_id not in self._classes:
             try:
-                data = await self._client.get(f"/api/v1/environment-classes/{class_id}")
-            except TransportError as exc:
-                raise TemporaryError(f"cannot read environment class {class_id}: {exc}") from exc
-            except ApiError as exc:
-                if exc.status >= 500 or exc.status == 429:
-                    raise TemporaryError(f"cannot read environment class {class_id}: {exc}") from exc
-                log.warning("cannot read environment class %s (%s); creating without limits", class_id, exc)
+                data = await self._read(f"/api/v1/environment-classes/{class_id}", f"environment class {class_id}")
+            except PermanentError as exc:
+                log.warning("%s; creating without limits", exc)
                 self._classes[class_id] = None
             else:
                 found = EnvironmentClass.model_validate(data).spec
                 self._classes[class_id] = (found.cpu, found.memory_mib, found.disk_gib)
         return self._classes[class_id]
+
+    async def _read(self, path: str, what: str) -> Any:
+        """GET ``path``; an unreachable or failing server is a TemporaryError, a refusal a PermanentError."""
+        try:
+            return await self._client.get(path)
+        except TransportError as exc:
+            raise TemporaryError(f"cannot read {what}: {exc}") from exc
+        except ApiError as exc:
+            if exc.status >= 500 or exc.status in (408, 429):
+                raise TemporaryError(f"cannot read {what}: {exc}") from exc
+            raise PermanentError(f"the server refused {what}: {exc}") from exc
 
     async def _report_quietly(self, key: str, phase: EnvironmentPhase, *, message: str) -> None:
         """Report a failure; if even that cannot be written, the log has it and a retry will report it."""
