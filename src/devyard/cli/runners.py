@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from devyard.cli import _render
-from devyard.cli._invocation import Invocation, api_command
+from devyard.cli._invocation import Invocation, api_command, output_option
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
+
+    from devyard.runner.doctor import DoctorReport
 
 __all__ = ["runner"]
 
@@ -58,6 +60,7 @@ def runner(
     \b
     On the runner's host:   devyard runner --server URL --token EXCHANGE [--state-dir DIR] [--runtime linux]
     As an admin:            devyard runner create | list | get | delete
+    On the runner's host:   devyard runner doctor [--fix]
     """
     given = {
         "server": server_url,
@@ -151,6 +154,78 @@ def delete_runner(invocation: Invocation, runner_ref: str) -> None:
     runner_id = resolve_id(client, "runners", "Runner", runner_ref)
     answer = client.delete(f"/api/v1/runners/{runner_id}")
     invocation.emit(answer, lambda _: _render.plain(f"Deleted runner {runner_id}."))
+
+
+@runner.command("doctor")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The runner's state directory [env DEVYARD_RUNNER_STATE_DIR; /var/lib/devyard/runner].",
+)
+@click.option("--server", "server_url", metavar="URL", help="The server [default: the one the runner registered with].")
+@click.option(
+    "--fix",
+    is_flag=True,
+    help="Repair what a killed runner left, delete containers the server no longer assigns here, collect images.",
+)
+@output_option
+def doctor(state_dir: Path | None, server_url: str | None, fix: bool, output: str) -> None:
+    """Compare this runner host with what it should be; exit 1 when they differ (after --fix: still differ).
+
+    Reports orphans (runc containers, mounts, cgroups, network namespaces, veths, addresses and half-done steps
+    that no environment explains) and drift (containers the server does not assign here, environments that
+    should run and do not, or the reverse). Takes the runner's settings (DEVYARD_RUNNER_*) and credential.
+    --fix refuses while the runner runs on that state directory; without the server it fixes host orphans only.
+    """
+    import asyncio
+    import json
+
+    from devyard.cli.processes import settings_or_exit
+    from devyard.runner import doctor as doctor_module
+    from devyard.runner.settings import RunnerSettings
+
+    settings = settings_or_exit(RunnerSettings, {"state_dir": state_dir, "server": server_url})
+    try:
+        report = asyncio.run(doctor_module.examine(settings, fix=fix))
+    except doctor_module.DoctorRefused as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(2) from None
+    if output == "json":
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(_doctor_text(report))
+    raise SystemExit(0 if report.clean else 1)
+
+
+def _doctor_text(report: DoctorReport) -> RenderableType:
+    from rich.console import Group
+    from rich.text import Text
+
+    lines: list[RenderableType] = []
+    if report.runner_pid is not None:
+        lines.append(Text(f"A runner (pid {report.runner_pid}) is running: what it is doing may show as orphans."))
+    if not report.server_reachable:
+        lines.append(Text(f"Server not consulted: {report.server_message}. Host-level checks only.", style="yellow"))
+    styles = {"ok": "green", "orphan": "red", "drift": "yellow", "unknown": "dim"}
+    columns = ["WHAT", "WHERE", "STATUS", "DETAIL"] + (["FIX"] if report.fix_asked else [])
+    rows: list[list[RenderableType]] = [
+        [
+            finding.what,
+            finding.where,
+            Text(finding.status.value, style=styles.get(finding.status.value, "")),
+            finding.detail,
+            *([finding.fix] if report.fix_asked else []),
+        ]
+        for finding in report.findings
+    ]
+    lines.append(_render.table(columns, rows, empty="Nothing on this host.", whole=("WHERE",)))
+    if report.fixed:
+        lines += [Text(""), Text("Done:", style="bold"), *(Text(f"  {line}") for line in report.fixed)]
+    verdict = "Clean." if report.clean else "Differences found." if not report.fix_asked else "Differences remain."
+    lines.append(Text(verdict, style="bold green" if report.clean else "bold red"))
+    return Group(*lines)
 
 
 def _created(data: dict[str, Any], server: str) -> RenderableType:

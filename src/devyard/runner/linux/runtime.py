@@ -302,7 +302,8 @@ class LinuxRuntime:
 
     async def orphans(self) -> builtins.list[str]:
         """What the host has under devyard's names that no record explains (mounts under the state directory,
-        runc containers, cgroups, environment directories, network attachments); empty on a healthy host."""
+        runc containers, cgroups, environment directories, network attachments) and steps a killed runner left
+        half-done (what ``repair`` would finish); empty on a healthy host."""
         found: builtins.list[str] = []
         containers = {info.id: info for info in await self.runc.list()}
         records = {i: r for i in self._environment_ids() if (r := self._read_record(i)) is not None}
@@ -318,6 +319,10 @@ class LinuxRuntime:
             if environment_id not in records:
                 found.append(f"runc container without an environment: {environment_id} ({info.status})")
         found += [f"runc container never completely made: {i}" for i in self.runc.incomplete()]
+        for environment_id, record in records.items():
+            step = _unfinished_step(record, containers.get(environment_id), self._mounted(environment_id))
+            if step is not None:
+                found.append(f"{step}: {environment_id}")
         for environment_id, directories in cgroups.leftover_cgroups(self.cgroup_parent).items():
             info = containers.get(environment_id)
             if environment_id not in records or info is None or info.status == "stopped":
@@ -327,6 +332,7 @@ class LinuxRuntime:
         return found
 
     async def _repair_one(self, environment_id: str, info: ContainerInfo | None) -> builtins.list[str]:
+        # Keep the conditions in step with _unfinished_step, which reports what this would do.
         try:
             record = self._read_record(environment_id)
         except PermanentError as exc:
@@ -835,6 +841,19 @@ class _RuncExec:
         if self._terminal is not None:
             self._terminal.close()  # nobody writes to a finished process; the terminal closes once read to the end
         return 128 - code if code < 0 else code
+
+
+def _unfinished_step(record: _Record, info: ContainerInfo | None, mounted: bool) -> str | None:
+    """What ``repair`` would finish for an environment with a record (``_repair_one``'s conditions), or None."""
+    if record.intent == "stopped" and (info is not None or mounted):
+        return "interrupted stop"
+    if record.intent == "running" and (info is None or info.status != "running"):
+        if info is not None and info.status == "stopped" and record.started_at is not None:
+            return "container exited by itself, not yet released"
+        return "interrupted start"
+    if record.intent == "created" and (info is None or info.status == "stopped"):
+        return "container missing after its create"
+    return None
 
 
 # Host operations.
