@@ -243,16 +243,22 @@ def _memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
+def _host_used_kib() -> int:
+    """Memory the host uses (MemTotal - MemAvailable), KiB: the containers' processes and page cache included."""
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+    return fields["MemTotal"] - fields["MemAvailable"]
+
+
 def _density(environments: _Environments, runner_pid: int, count: int) -> report.Density:
     density = report.Density(environments=count)
     time.sleep(1.0)  # let the runner's warm-up garbage settle before the first reading
-    density.before_kib = _memory_kib(runner_pid)
+    density.before_kib = {**_memory_kib(runner_pid), "host (all processes)": _host_used_kib()}
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(lambda _: environments.create(), range(count)))
         deadline = _START_TIMEOUT + 2 * count
         list(pool.map(lambda environment_id: environments.wait_running(environment_id, deadline), ids))
     time.sleep(1.0)
-    density.after_kib = _memory_kib(runner_pid)
+    density.after_kib = {**_memory_kib(runner_pid), "host (all processes)": _host_used_kib()}
     for _ in range(5):
         started = time.perf_counter()
         if environments.exec_true(ids[0]) != 0:

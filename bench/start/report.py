@@ -176,11 +176,13 @@ def _density(density: Density) -> list[str]:
     for kind in density.after_kib:
         before, after = density.before_kib.get(kind, 0), density.after_kib[kind]
         per = (after - before) / 1024 / max(density.environments, 1)
-        lines.append(
-            f"  runner {kind}: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB with all running: "
-            f"{per:.2f} MiB per environment (target <= {DENSITY_MIB_PER_ENVIRONMENT:g}) "
-            + _verdict(per <= DENSITY_MIB_PER_ENVIRONMENT)
-        )
+        line = f"  {kind}: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB with all running: "
+        line += f"{per:.2f} MiB per environment"
+        if kind in ("RSS", "PSS"):  # the target is the runner's own memory
+            line = f"  runner {line.lstrip()} (target <= {DENSITY_MIB_PER_ENVIRONMENT:g}) " + _verdict(
+                per <= DENSITY_MIB_PER_ENVIRONMENT
+            )
+        lines.append(line)
     if density.probe:
         lines.append(
             f"  exec true in one environment meanwhile: median {_seconds(statistics.median(density.probe))} s, "
