@@ -57,7 +57,7 @@ class RunnerSettings(BaseSettings):
     default_image: str = "mcr.microsoft.com/devcontainers/base:ubuntu"
     log_level: str = "INFO"
 
-    #: Registries (``HOST:PORT``) reached over plain http instead of https.
+    #: Registries (``HOST:PORT``) reached over plain http instead of https (those on the loopback always are).
     insecure_registries: list[str] = Field(default_factory=list)
     #: The host ids that ids 0.. inside every environment map to (the user namespace), and how many.
     id_range_start: int = Field(default=1_000_000, ge=1)

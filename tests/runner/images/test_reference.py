@@ -6,6 +6,7 @@ import pytest
 
 from devyard.runner.errors import PermanentError
 from devyard.runner.images.reference import parse_reference
+from devyard.runner.images.registry import on_loopback
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -57,3 +58,20 @@ def test_bad_references_are_refused_with_a_reason(text: str, complaint: str) -> 
     with pytest.raises(ValueError, match=complaint) as caught:
         parse_reference(text)
     assert isinstance(caught.value, PermanentError)
+
+
+@pytest.mark.parametrize(
+    ("registry", "loopback"),
+    [
+        ("localhost:5000", True),
+        ("127.0.0.1:5000", True),
+        ("127.8.9.10", True),
+        ("[::1]:5000", True),
+        ("::1", True),
+        ("10.0.0.1:5000", False),
+        ("ghcr.io", False),
+        ("localhost.example.com:5000", False),
+    ],
+)
+def test_registries_on_the_loopback_are_reached_over_http(registry: str, loopback: bool) -> None:
+    assert on_loopback(registry) is loopback

@@ -4,7 +4,8 @@ Called by the image store (``resolve`` and ``fetch_blob`` when it pulls) and by 
 (``push_layout``, to put test images into a test registry). It speaks the distribution API v2: OCI image
 indexes and Docker manifest lists are resolved to this host's platform; OCI and Docker schema2 manifests are
 read. Authentication: anonymous, bearer tokens (the ``WWW-Authenticate: Bearer realm=...`` flow of Docker Hub and
-GHCR, with or without credentials) and basic. https always, except for the registries named ``insecure``.
+GHCR, with or without credentials) and basic. https always, except for the registries named ``insecure`` and
+those on this host's loopback (``localhost``, 127.0.0.0/8, ``[::1]``), as Docker does: nothing crosses a network.
 
 Errors are classified here: missing images and refused credentials are ``PermanentError``; 5xx, 429 and
 connection failures are ``TemporaryError``. ``OSError`` from writing the destination file passes through
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import ipaddress
 import json
 import platform as host
 import re
@@ -38,6 +40,7 @@ __all__ = [
     "Platform",
     "RegistryClient",
     "host_platform",
+    "on_loopback",
     "parse_manifest",
     "select_platform",
 ]
@@ -205,6 +208,18 @@ class _CorruptBlob(Exception):
     pass
 
 
+def on_loopback(registry: str) -> bool:
+    """Whether ``registry`` (``host`` or ``host:port``) is on this host's loopback interface."""
+    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 or registry.startswith("[") else registry
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class RegistryClient:
     """One client per store (or per pull); holds an httpx client and the tokens it got. Use ``async with``."""
 
@@ -246,7 +261,7 @@ class RegistryClient:
     def _base(self, reference: Reference) -> str:
         registry = reference.registry
         api_host = "registry-1.docker.io" if registry == DOCKER_HUB else registry
-        scheme = "http" if registry in self.insecure else "https"
+        scheme = "http" if registry in self.insecure or on_loopback(registry) else "https"
         return f"{scheme}://{api_host}/v2/{reference.repository}"
 
     async def _send(
