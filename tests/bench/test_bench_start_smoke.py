@@ -3,7 +3,7 @@ and leaves nothing behind (no temporary directory, no mount).
 
 Smoke tests of the benchmark's machinery, not performance tests: they assert no timing. The docker and
 devcontainer peers need ``bench/start/setup``; where they are missing the test of them is skipped, except in CI
-(``CI=true``), where ``.ci/run`` runs that setup first and a missing peer fails the test.
+(``CI=true``), where ``scripts/test`` runs that setup first and a missing peer fails the test.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_quick_run_measures_docker_and_devcontainer() -> None:
     host.require("runc", "skopeo")
     if not _peers_installed():
         if host.in_ci():
-            pytest.fail("CI=true and docker.io or @devcontainers/cli is missing: .ci/run runs bench/start/setup")
+            pytest.fail("CI=true and docker.io or @devcontainers/cli is missing: scripts/test runs bench/start/setup")
         pytest.skip("docker.io or @devcontainers/cli is missing: bench/start/setup installs them")
     with _nothing_left():
         output = _bench("--skip", "runc,devyard,cold-pull,density", timeout=170)
