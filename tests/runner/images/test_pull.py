@@ -119,6 +119,14 @@ async def test_basic_auth(basic_registry: RegistryServer, basic_image: str, tmp_
         given = {basic_registry.host: ("alice", USERS["alice"])}
         assert (await anonymous.prepare(basic_image, holder="env_b", credentials=given)).image.config.cmd == ("sh",)
         assert (await wrong.prepare(basic_image, holder="env_c", credentials=given)).image.config.cmd == ("sh",)
+        # The copy env_b's credentials brought is not everyone's: another environment must show its own.
+        with pytest.raises(PermanentError, match="needs credentials"):
+            await anonymous.prepare(basic_image, holder="env_d")
+        with pytest.raises(PermanentError, match="refused the credentials"):
+            await anonymous.prepare(basic_image, holder="env_e", credentials={basic_registry.host: ("alice", "no")})
+        assert set(anonymous.holders()) == {"env_b"}
+        again = await anonymous.prepare(basic_image, holder="env_f", credentials=given)
+        assert again.timings == {"pull": 0.0, "unpack": 0.0}  # with the right ones, the copy here serves
     finally:
         for each in (right, wrong, anonymous):
             each.close()

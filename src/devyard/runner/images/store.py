@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS images (digest TEXT PRIMARY KEY, record TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS names (reference TEXT PRIMARY KEY, digest TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS holders (holder TEXT PRIMARY KEY, digest TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (diff_id TEXT PRIMARY KEY, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS private_images (digest TEXT PRIMARY KEY);
 """
 
 log = logging.getLogger(__name__)
@@ -354,6 +355,8 @@ class ImageStore:
         async with _flock(self.root / "store.lock", fcntl.LOCK_SH):
             cached = self._named_image(parsed)
             if cached is not None:
+                if self._private(cached.digest):
+                    await self._check_access(parsed, credentials)
                 self._hold(holder, cached.digest)
                 if progress is not None:
                     progress(Progress(str(parsed), 0, 0, len(cached.layers), len(cached.layers), "done"))
@@ -366,6 +369,18 @@ class ImageStore:
             prepared = await self._pull(parsed, progress, credentials)
             self._hold(holder, prepared.image.digest)
             return prepared
+
+    def _private(self, digest: str) -> bool:
+        return self._database.execute("SELECT 1 FROM private_images WHERE digest = ?", (digest,)).fetchone() is not None
+
+    async def _check_access(self, reference: Reference, credentials: Credentials | None) -> None:
+        """An image pulled with credentials is not everyone's: before another environment uses the copy on this
+        host, its registry must accept that environment's credentials for it (one manifest request). Raises
+        ``PermanentError`` when it refuses them, ``TemporaryError`` when it cannot be asked."""
+        async with RegistryClient(
+            insecure=self.insecure, credentials={**self.credentials, **(credentials or {})}
+        ) as client:
+            await client.resolve(reference)
 
     async def _bootstrap_once(self, reference: Reference, progress: ProgressCallback | None) -> None:
         """Build ``devyard.local/debian:SUITE`` with mmdebstrap, once however many environments ask at a time."""
@@ -576,7 +591,12 @@ class ImageStore:
 
             with _disk_errors(self.root, f"pulling {reference}"):
                 self._store_blob_bytes(manifest.digest, manifest.raw)
-                return await self._complete(reference, manifest, fetch, state, started)
+                prepared = await self._complete(reference, manifest, fetch, state, started)
+        if reference.registry in (credentials or {}) or reference.registry in self.credentials:
+            # Pulled with credentials: other environments must show theirs before they use this copy.
+            with self._write() as database:
+                database.execute("INSERT OR IGNORE INTO private_images (digest) VALUES (?)", (manifest.digest,))
+        return prepared
 
     async def _complete(
         self,
