@@ -102,3 +102,19 @@ def busybox_image(registry: registry_support.RegistryServer, tmp_path_factory: p
     ``127.0.0.1:PORT/test/busybox:1``."""
     layout = images_support.busybox_layout(tmp_path_factory.mktemp("busybox-layout"))
     return images_support.push(layout, registry.host, "test/busybox:1")
+
+
+@pytest.fixture(scope="session")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registry_support.RegistryServer]:
+    """A second real registry, which wants a password (basic auth; the users are ``registry_support.USERS``)."""
+    host.require("docker-registry")
+    with registry_support.running_registry(tmp_path_factory.mktemp("basic-registry"), auth="basic") as (server, _):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def basic_image(basic_registry: registry_support.RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The busybox test image pushed to ``basic_registry`` (as alice): its reference."""
+    layout = images_support.busybox_layout(tmp_path_factory.mktemp("basic-layout"))
+    alice = {basic_registry.host: ("alice", registry_support.USERS["alice"])}
+    return images_support.push(layout, basic_registry.host, "private/busybox:1", credentials=alice)

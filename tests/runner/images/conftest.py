@@ -29,13 +29,6 @@ ID_RANGE = IdRange(start=2_000_000, size=65536)
 
 
 @pytest.fixture(scope="session")
-def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    host.require("docker-registry")
-    with registry_support.running_registry(tmp_path_factory.mktemp("basic-registry"), auth="basic") as (server, _):
-        yield server
-
-
-@pytest.fixture(scope="session")
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RegistryServer, TokenServer]]:
     host.require("docker-registry")
     with registry_support.running_registry(tmp_path_factory.mktemp("token-registry"), auth="token") as (server, tokens):

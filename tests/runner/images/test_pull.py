@@ -84,14 +84,6 @@ async def test_an_unreachable_registry_is_a_temporary_error(tmp_path: Path) -> N
         image_store.close()
 
 
-@pytest.fixture(scope="module")
-def basic_image(basic_registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> str:
-    layout = images.busybox_layout(tmp_path_factory.mktemp("layout"))
-    return images.push(
-        layout, basic_registry.host, "private/busybox:1", credentials={basic_registry.host: ("alice", USERS["alice"])}
-    )
-
-
 async def test_basic_auth(basic_registry: RegistryServer, basic_image: str, tmp_path: Path) -> None:
     host.require()
     right = ImageStore(

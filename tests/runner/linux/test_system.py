@@ -28,7 +28,7 @@ from devyard.client import Client
 from devyard.runner.linux import cgroups
 from support import host
 from support.live_server import LiveServer
-from support.registry import RegistryServer
+from support.registry import USERS, RegistryServer
 
 from .test_network import unused_subnet
 
@@ -219,3 +219,38 @@ def test_environments_cannot_reach_each_other_nor_the_metadata_address(system: S
     for name in ("one", "two"):
         system.cli("env", "delete", name, "--wait")
     assert system.host_traces(first["metadata"]["id"]) == system.host_traces(second["metadata"]["id"]) == []
+
+
+def test_a_missing_image_or_a_refused_password_fails_the_environment_with_the_reason(
+    system: System, registry: RegistryServer, basic_registry: RegistryServer, basic_image: str
+) -> None:
+    missing = system.json("env", "create", "--image", f"{registry.host}/test/nothing:1", "--name", "missing")
+    failed = wait_for_phase(system, missing["metadata"]["id"], "failed")
+    assert "not found" in failed["status"]["message"], failed["status"]
+
+    # Without a registry credential the private image is refused; with the user's secret it runs.
+    refused = system.json("env", "create", "--image", basic_image, "--name", "refused")
+    failed = wait_for_phase(system, refused["metadata"]["id"], "failed")
+    assert "needs credentials" in failed["status"]["message"], failed["status"]
+    secret = ("secret", "create", "alice-registry", "--type", "registry_credential", "--target", basic_registry.host)
+    system.cli(*secret, "--value", f"alice:{USERS['alice']}")
+    private = system.json("env", "create", "--image", basic_image, "--name", "private", "--wait")
+    assert private["status"]["phase"] == "running", private["status"]
+    assert system.exec("private", "echo inside").stdout == "inside\n"
+
+    # A wrong password is refused, even though the image is on the runner already.
+    (stored,) = [s for s in system.admin.list_all("/api/v1/secrets")[0] if s["metadata"]["name"] == "alice-registry"]
+    system.admin.patch(f"/api/v1/secrets/{stored['metadata']['id']}", {"value": "alice:wrong"})
+    wrong = system.json("env", "create", "--image", basic_image, "--name", "wrong")
+    failed = wait_for_phase(system, wrong["metadata"]["id"], "failed")
+    assert "refused the credentials" in failed["status"]["message"], failed["status"]
+
+
+def wait_for_phase(system: System, environment_id: str, phase: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        environment = system.admin.get(f"/api/v1/environments/{environment_id}")
+        if environment["status"].get("phase") == phase:
+            return environment
+        assert time.monotonic() < deadline, f"{environment_id} is not {phase}: {environment['status']}"
+        time.sleep(0.1)
