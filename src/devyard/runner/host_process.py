@@ -1,12 +1,22 @@
 """``start_host_process``: a process on this host with its streams attached, as a ``runtime.ExecProcess``.
 
-The fake runtime's ``open_exec`` runs commands this way (a test double: as the runner's own user, in a scratch
-directory). Without a TTY the process gets three pipes; with one it gets the slave side of a new pseudo-terminal
-as its controlling terminal (a new session), and ``stdout`` reads the master side, so ``resize`` sets the size
-that the process sees (and the kernel sends it SIGWINCH).
+Both runtimes' ``open_exec`` start their processes this way: the fake runtime runs the command itself (a test
+double: as the runner's own user, in a scratch directory), and the linux runtime runs ``runc exec`` (the command
+line from ``linux.runc.Runc.exec_argv``), which relays its stdio, signals and exit status to and from the process
+inside the container.
+
+Without a TTY the process gets three pipes, in a session of its own. With one it gets the slave side of a new
+pseudo-terminal as its controlling terminal (a new session), and ``stdout`` reads the master side, so ``resize``
+sets the size that the process sees and the kernel sends it SIGWINCH. ``raw`` makes that terminal carry bytes
+only, for a program that makes a terminal of its own and proxies it (``runc exec --tty``). A terminal has no end
+of file of its own: ``stdin.write_eof()`` and ``stdin.close()`` send EOT (^D), which a program reading it takes
+for the end of its input. Once the process exited, ``wait`` closes the master side for writing; reading it ends
+when the last process holding the slave side is gone.
 
 Output is read through asyncio's stream readers, which stop reading from the pipe or terminal while their buffer
 is full: a process that writes faster than the caller reads blocks, instead of filling the runner's memory.
+
+The exit code is the process's status, or 128 + N when signal N killed it.
 """
 
 from __future__ import annotations
@@ -19,15 +29,20 @@ import os
 import struct
 import subprocess
 import termios
+import tty as terminal_modes
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
 from devyard.runner.errors import PermanentError
 
 __all__ = ["HostProcess", "start_host_process"]
 
 #: How much output a stream buffers before reading from the process pauses.
-_STREAM_LIMIT = 64 * 1024
+_STREAM_LIMIT: Final = 64 * 1024
+
+#: End of transmission (^D): at the start of a line, a terminal's end of file for the program reading it.
+_TERMINAL_EOF: Final = b"\x04"
 
 
 class HostProcess:
@@ -56,7 +71,7 @@ class HostProcess:
         if self._terminal is None:
             return
         with contextlib.suppress(OSError):  # the terminal closed: the process is gone
-            fcntl.ioctl(self._terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+            _set_size(self._terminal, (rows, columns))
 
     async def signal(self, number: int) -> None:
         if self._process.returncode is None:
@@ -68,6 +83,10 @@ class HostProcess:
         if self._terminal is not None:
             os.close(self._terminal)
             self._terminal = None
+            # Nobody writes to a finished process: input still buffered for it is dropped, and the master side
+            # stays open only for reading what the terminal still holds.
+            if not self.stdin.transport.is_closing():
+                self.stdin.transport.abort()
         return 128 - code if code < 0 else code
 
 
@@ -81,27 +100,44 @@ class _TerminalReaderProtocol(asyncio.StreamReaderProtocol):
         super().connection_lost(exc)
 
 
+class _TerminalWriter(asyncio.StreamWriter):
+    """Input to a terminal: its end of file is EOT, not closing (the terminal stays open for the process)."""
+
+    def write_eof(self) -> None:
+        self.write(_TERMINAL_EOF)
+
+    def close(self) -> None:
+        if not self.transport.is_closing():
+            self.write(_TERMINAL_EOF)  # written before the descriptor closes
+        super().close()
+
+
 async def start_host_process(
     argv: Sequence[str],
     *,
-    env: Mapping[str, str],
-    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
     tty: bool,
     size: tuple[int, int] | None = None,
+    raw: bool = False,
 ) -> HostProcess:
-    """Start ``argv`` with exactly ``env`` in ``cwd``; ``PermanentError`` when it cannot be started."""
+    """Start ``argv`` with exactly ``env`` (None: the runner's own) in ``cwd`` (None: the runner's own), with a
+    terminal of ``size`` (``(rows, columns)``) when ``tty``, in raw mode when ``raw``; ``PermanentError`` when
+    it cannot be started."""
     if not argv:
         raise PermanentError("nothing to run: the command is empty")
+    environment = None if env is None else dict(env)
     if tty:
-        return await _start_with_terminal(argv, env, cwd, size)
+        return await _start_with_terminal(argv, environment, cwd, size, raw)
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=dict(env),
+            env=environment,
             cwd=cwd,
+            # Its own session: a signal to the runner's process group (a Ctrl-C) is not the process's.
             start_new_session=True,
             limit=_STREAM_LIMIT,
         )
@@ -112,19 +148,21 @@ async def start_host_process(
 
 
 async def _start_with_terminal(
-    argv: Sequence[str], env: Mapping[str, str], cwd: Path, size: tuple[int, int] | None
+    argv: Sequence[str], env: dict[str, str] | None, cwd: Path | None, size: tuple[int, int] | None, raw: bool
 ) -> HostProcess:
     master, slave = os.openpty()
     try:
+        if raw:
+            terminal_modes.setraw(slave)
         if size is not None:
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+            _set_size(master, size)
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
-                env=dict(env),
+                env=env,
                 cwd=cwd,
                 # A session of its own with the terminal as its controlling one: job control, ^C and SIGWINCH
                 # reach it as they would in a terminal window.
@@ -151,8 +189,12 @@ async def _start_with_terminal(
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         raise
-    stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+    stdin = _TerminalWriter(transport, protocol, None, loop)
     return HostProcess(process, stdin, stdout, None, control)
+
+
+def _set_size(terminal: int, size: tuple[int, int]) -> None:
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
 
 
 def _take_terminal() -> None:

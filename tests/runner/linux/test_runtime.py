@@ -120,12 +120,24 @@ async def test_exec_with_a_terminal(runtime_host: RuntimeHost) -> None:
         assert await asyncio.wait_for(process.wait(), 10) == 0
         await asyncio.wait_for(process.stdin.wait_closed(), 10)
 
-        process = await runtime.open_exec("env_a", ExecRequest(argv=["sh", "-c", "read _; stty size"], tty=True))
+        # The size given at the start, then a resize while the process runs: runc copies it on the SIGWINCH that
+        # the kernel sends it. Each line asks again, as runc may take the line before the signal.
+        request = ExecRequest(argv=["sh", "-c", "stty size; while read _; do stty size; done"], tty=True, size=(10, 20))
+        process = await runtime.open_exec("env_a", request)
+        await asyncio.wait_for(process.stdout.readuntil(b"10 20\r\n"), 10)
         await process.resize(33, 101)
-        process.stdin.write(b"\n")
-        await process.stdin.drain()
-        assert b"33 101" in await asyncio.wait_for(process.stdout.read(), 10)
-        assert await process.wait() == 0
+
+        async def ask_until_resized() -> None:
+            seen = b""
+            while b"33 101" not in seen:
+                process.stdin.write(b"\n")
+                await process.stdin.drain()
+                seen += await process.stdout.read(100)
+
+        await asyncio.wait_for(ask_until_resized(), 10)
+        process.stdin.close()
+        await asyncio.wait_for(process.stdout.read(), 10)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
 
         process = await runtime.open_exec("env_a", ExecRequest(argv=["sh", "-c", "exit 3"], tty=True))
         await process.stdout.read()

@@ -1,9 +1,10 @@
 """The runc command line as asyncio calls, with devyard's own state root (``runc --root``).
 
-Called by ``runtime.LinuxRuntime``. Every call runs the binary with ``asyncio.create_subprocess_exec`` and
-turns a failure into an error that carries runc's stderr: ``ContainerNotFound`` when runc says the container
-does not exist, ``TemporaryError`` otherwise (runc's failures are mostly the host's: a busy mount, a cgroup
-being removed, a full disk); callers raise ``PermanentError`` where they know better.
+Called by ``runtime.LinuxRuntime``. Every call but ``exec_argv`` (a command line, which the runtime starts with
+``host_process.start_host_process``) runs the binary with ``asyncio.create_subprocess_exec`` and turns a
+failure into an error that carries runc's stderr: ``ContainerNotFound`` when runc says the container does not
+exist, ``TemporaryError`` otherwise (runc's failures are mostly the host's: a busy mount, a cgroup being
+removed, a full disk); callers raise ``PermanentError`` where they know better.
 
 Containers made by ``create`` are detached: runc forks the container's init, which calls setsid, and exits;
 the init is reparented to the host's init (or a subreaper), so the runner may die and the container lives on.
@@ -143,7 +144,7 @@ class Runc:
             return True
         return False
 
-    async def exec(
+    def exec_argv(
         self,
         container_id: str,
         argv: Sequence[str],
@@ -153,15 +154,14 @@ class Runc:
         user: tuple[int, int] | None = None,
         additional_gids: Sequence[int] = (),
         tty: bool = False,
-        stdin: int,
-        stdout: int,
-        stderr: int,
-    ) -> asyncio.subprocess.Process:
-        """Start ``runc exec`` with the given stdio (file descriptors or ``asyncio.subprocess.PIPE``) and return
-        it; its exit status is the process's, and runc exits 128+N when signal N killed it.
+    ) -> builtins.list[str]:
+        """The command line of ``runc exec``, for ``host_process.start_host_process`` to run: ``env`` is the
+        process's (added to the container's), given as flags, not runc's own environment.
 
-        With ``tty``, runc makes a terminal inside the container and proxies it to its own stdio, which should
-        then be a terminal too; on SIGWINCH runc copies that terminal's size to the container's."""
+        runc relays its stdio to the process and forwards the signals it gets; it exits with the process's
+        status, or 128 + N when signal N killed the process. With ``tty``, runc makes a terminal inside the
+        container and proxies it to its own stdio, which should then be a raw terminal (the one inside does the
+        echo and line editing); on SIGWINCH runc copies that terminal's size to the container's."""
         arguments = ["exec"]
         if tty:
             arguments.append("--tty")
@@ -173,15 +173,7 @@ class Runc:
             arguments += ["--user", f"{user[0]}:{user[1]}"]
         for gid in additional_gids:
             arguments += ["--additional-gids", str(gid)]
-        arguments += [container_id, *argv]
-        return await asyncio.create_subprocess_exec(
-            *self._argv(*arguments),
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            # Its own session: a signal to the runner's process group (a Ctrl-C) is not the exec's.
-            start_new_session=True,
-        )
+        return self._argv(*arguments, container_id, *argv)
 
 
 def _error(arguments: Sequence[str], returncode: int | None, stderr: str) -> TemporaryError:

@@ -45,18 +45,14 @@ import builtins
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import re
 import shutil
 import signal
 import stat
-import struct
 import tempfile
-import termios
 import time
-import tty
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,6 +60,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError, TemporaryError
+from devyard.runner.host_process import HostProcess, start_host_process
 from devyard.runner.images.image import ImageConfig, ImageSource, Progress
 from devyard.runner.linux import cgroups, oci_config, seccomp
 from devyard.runner.linux.network import Network
@@ -230,7 +227,7 @@ class LinuxRuntime:
             raise TemporaryError(f"{argv[0]!r} in {environment_id} did not finish within {timeout} s") from None
         return ExecResult(exit_code=exit_code, stdout=stdout, stderr=stderr)
 
-    async def open_exec(self, environment_id: str, request: ExecRequest) -> _RuncExec:
+    async def open_exec(self, environment_id: str, request: ExecRequest) -> HostProcess:
         if not request.argv:
             raise PermanentError("exec needs a program to run")
         self._require_record(environment_id)
@@ -242,9 +239,20 @@ class LinuxRuntime:
         additional_gids: tuple[int, ...] = ()
         if request.user is not None:
             user, additional_gids = _resolve_user(self._rootfs(environment_id), request.user)
-        if request.tty:
-            return await _RuncExec.with_terminal(self.runc, environment_id, request, user, additional_gids)
-        return await _RuncExec.with_pipes(self.runc, environment_id, request, user, additional_gids)
+        env = {"TERM": "xterm", **request.env} if request.tty else request.env
+        argv = self.runc.exec_argv(
+            environment_id,
+            request.argv,
+            env=env,
+            cwd=request.cwd,
+            user=user,
+            additional_gids=additional_gids,
+            tty=request.tty,
+        )
+        # runc is the host process: its exit status is the one inside (128 + N for signal N), signals sent to it
+        # reach the process inside, and with a TTY it proxies its own terminal (raw: the container's does the
+        # echo and line editing) to the container's, copying the size on the SIGWINCH that a resize sends it.
+        return await start_host_process(argv, tty=request.tty, size=request.size or (24, 80), raw=True)
 
     async def inspect(self, environment_id: str) -> ContainerStatus | None:
         if not _ENVIRONMENT_ID.match(environment_id):
@@ -631,216 +639,6 @@ class LinuxRuntime:
             exit_code=record.exit_code if state is ContainerState.STOPPED else None,
             timings=dict(record.timings),
         )
-
-
-# Exec.
-
-
-class _PtyTransport(asyncio.WriteTransport):
-    """A terminal's master side as asyncio streams: what is written goes to the terminal's input, what the
-    terminal outputs feeds ``reader``. EIO on read (every slave closed) is end of file, as for a pipe."""
-
-    def __init__(self, master: int, reader: asyncio.StreamReader) -> None:
-        super().__init__()
-        self._master = master
-        self._reader = reader
-        #: The writer's protocol: told when the terminal is closed, so ``StreamWriter.wait_closed`` returns.
-        self.protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader())
-        self.protocol.connection_made(self)
-        self._loop = asyncio.get_running_loop()
-        self._buffer = bytearray()
-        self._closing = False
-        self._reading = True
-        os.set_blocking(master, False)
-        self._loop.add_reader(master, self._read_ready)
-
-    def _read_ready(self) -> None:
-        try:
-            data = os.read(self._master, 65536)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                self._reader.set_exception(exc)
-            data = b""
-        if data:
-            self._reader.feed_data(data)
-            return
-        self._loop.remove_reader(self._master)
-        self._reading = False
-        self._reader.feed_eof()
-        self._maybe_close_fd()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing:
-            return
-        if not self._buffer:
-            try:
-                written = os.write(self._master, data)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                return  # the terminal has gone; like a closed pipe, the data is lost
-            data = memoryview(data)[written:]
-            if not data:
-                return
-            self._loop.add_writer(self._master, self._write_ready)
-        self._buffer += data
-
-    def _write_ready(self) -> None:
-        try:
-            written = os.write(self._master, self._buffer)
-        except BlockingIOError:
-            return
-        except OSError:
-            written = len(self._buffer)
-        del self._buffer[:written]
-        if not self._buffer:
-            self._loop.remove_writer(self._master)
-            if self._closing:
-                self._maybe_close_fd()
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        # A terminal has no end of file of its own: EOT (Ctrl-D) at the start of a line is how a program
-        # reading it learns that input ended.
-        self.write(b"\x04")
-
-    def get_write_buffer_size(self) -> int:
-        return len(self._buffer)
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        self.write_eof()
-        self._closing = True
-        if not self._buffer:
-            self._maybe_close_fd()
-
-    def abort(self) -> None:
-        self._buffer.clear()
-        self._closing = True
-        self._reading = False
-        self._loop.remove_reader(self._master)
-        self._maybe_close_fd()
-
-    def _maybe_close_fd(self) -> None:
-        if self._master >= 0 and self._closing and not self._reading and not self._buffer:
-            self._loop.remove_writer(self._master)
-            os.close(self._master)
-            self._master = -1
-            self.protocol.connection_lost(None)
-
-    def resize(self, rows: int, columns: int) -> None:
-        if self._master >= 0:
-            fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-
-
-class _RuncExec:
-    """One ``runc exec``: implements ``runtime.ExecProcess``."""
-
-    def __init__(
-        self,
-        process: asyncio.subprocess.Process,
-        stdin: asyncio.StreamWriter,
-        stdout: asyncio.StreamReader,
-        stderr: asyncio.StreamReader | None,
-        terminal: _PtyTransport | None = None,
-    ) -> None:
-        self._process = process
-        self.stdin = stdin
-        self.stdout = stdout
-        self.stderr = stderr
-        self._terminal = terminal
-
-    @classmethod
-    async def with_pipes(
-        cls,
-        runc: Runc,
-        environment_id: str,
-        request: ExecRequest,
-        user: tuple[int, int] | None,
-        additional_gids: Sequence[int],
-    ) -> _RuncExec:
-        pipe = asyncio.subprocess.PIPE
-        process = await runc.exec(
-            environment_id,
-            request.argv,
-            env=request.env,
-            cwd=request.cwd,
-            user=user,
-            additional_gids=additional_gids,
-            stdin=pipe,
-            stdout=pipe,
-            stderr=pipe,
-        )
-        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-        return cls(process, process.stdin, process.stdout, process.stderr)
-
-    @classmethod
-    async def with_terminal(
-        cls,
-        runc: Runc,
-        environment_id: str,
-        request: ExecRequest,
-        user: tuple[int, int] | None,
-        additional_gids: Sequence[int],
-    ) -> _RuncExec:
-        master, slave = os.openpty()
-        try:
-            # Raw: the terminal that counts (echo, line editing, CR-LF) is the one runc makes inside the container;
-            # this one between the runner and runc only carries bytes.
-            tty.setraw(slave)
-            rows, columns = request.size or (24, 80)
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-            env = {"TERM": "xterm", **request.env}
-            process = await runc.exec(
-                environment_id,
-                request.argv,
-                env=env,
-                cwd=request.cwd,
-                user=user,
-                additional_gids=additional_gids,
-                tty=True,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-            )
-        except BaseException:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)  # runc holds its own; the master reads EIO once runc has gone
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        transport = _PtyTransport(master, reader)
-        writer = asyncio.StreamWriter(transport, transport.protocol, None, loop)
-        return cls(process, writer, reader, None, transport)
-
-    async def resize(self, rows: int, columns: int) -> None:
-        if self._terminal is None or self._process.returncode is not None:
-            return
-        self._terminal.resize(rows, columns)
-        # runc copies its own terminal's size into the container's when it gets SIGWINCH; the kernel sends that
-        # only to a terminal's foreground process group, and runc's terminal is not its controlling one.
-        with contextlib.suppress(ProcessLookupError):
-            self._process.send_signal(signal.SIGWINCH)
-
-    async def signal(self, number: int) -> None:
-        if self._process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._process.send_signal(number)  # runc forwards it to the process inside
-
-    async def wait(self) -> int:
-        code = await self._process.wait()
-        if self._terminal is not None:
-            self._terminal.close()  # nobody writes to a finished process; the terminal closes once read to the end
-        return 128 - code if code < 0 else code
 
 
 def _unfinished_step(record: _Record, info: ContainerInfo | None, mounted: bool) -> str | None:
