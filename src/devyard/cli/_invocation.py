@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
@@ -173,8 +174,6 @@ _CONNECTION_OPTIONS = [
 @contextlib.contextmanager
 def translated_errors(invocation: Invocation) -> Iterator[None]:
     """The client's and pydantic's errors become one-line ``ClickException``s."""
-    from pydantic import ValidationError
-
     from devyard.client import ApiError, TransportError
 
     try:
@@ -184,7 +183,12 @@ def translated_errors(invocation: Invocation) -> Iterator[None]:
     except TransportError as exc:
         reason = str(exc.__cause__ or exc)
         raise click.ClickException(f"cannot reach server {invocation.server}: {reason}") from None
-    except ValidationError as exc:
+    except Exception as exc:
+        # pydantic is imported only by the commands that validate with it: when it is not loaded, no
+        # ValidationError can have been raised, and importing it here would cost every command its import.
+        pydantic_core = sys.modules.get("pydantic_core")
+        if pydantic_core is None or not isinstance(exc, pydantic_core.ValidationError):
+            raise
         raise click.ClickException(describe_validation_error(exc)) from None
 
 

@@ -1,19 +1,27 @@
-"""Sync and async clients over httpx with one retry policy and one error mapping."""
+"""Sync and async clients with one retry policy and one error mapping.
+
+``Client`` (the CLI's, so it must start fast) speaks through ``_connections`` on the standard library unless it is
+given an httpx transport or a proxy is configured; ``AsyncClient`` speaks through httpx. Neither httpx nor the
+pydantic wire models are imported until they are needed.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
-
+from devyard.client import _connections
 from devyard.client._errors import ApiError, TransportError
-from devyard.wire.meta import WatchEvent
+
+if TYPE_CHECKING:
+    import httpx
+
+    from devyard.wire.meta import WatchEvent
 
 __all__ = ["AsyncClient", "Client", "RetryPolicy"]
 
@@ -43,14 +51,13 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(attempts=1)
 
 
-def _error_from(response: httpx.Response) -> ApiError:
+def _error_from(status: int, reason: str, content: bytes) -> ApiError:
     try:
-        body = response.json()
-        error = body["error"]
-        return ApiError(response.status_code, str(error["code"]), str(error["message"]), error.get("details"))
+        error = json.loads(content)["error"]
+        return ApiError(status, str(error["code"]), str(error["message"]), error.get("details"))
     except (ValueError, KeyError, TypeError):
-        text = response.text[:500] if not response.is_stream_consumed or response.content else ""
-        return ApiError(response.status_code, "http_error", text or response.reason_phrase)
+        text = content.decode("utf-8", errors="replace")[:500]
+        return ApiError(status, "http_error", text or reason)
 
 
 def _should_retry(method: str, status: int | None, connect_error: bool) -> bool:
@@ -72,6 +79,8 @@ def _clean(params: Params) -> dict[str, Any] | None:
 def _parse_line(line: str) -> WatchEvent | None:
     if not line.strip():
         return None
+    from devyard.wire.meta import WatchEvent
+
     event = WatchEvent.model_validate(json.loads(line))
     if event.type == "ERROR":
         error = event.object.get("error", {})
@@ -80,8 +89,66 @@ def _parse_line(line: str) -> WatchEvent | None:
     return event
 
 
+class _Connections(Protocol):
+    """What ``Client`` sends its requests through: ``_connections.ConnectionPool`` or ``_HttpxConnections``."""
+
+    def request(self, method: str, path: str, *, body: Any = None, params: Params = None) -> _connections.Reply: ...
+
+    def stream(
+        self, path: str, params: Params, *, read_timeout: float | None
+    ) -> AbstractContextManager[_connections.Stream | _HttpxStream]: ...
+
+    def close(self) -> None: ...
+
+
+class _HttpxStream:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.reason = response.reason_phrase
+
+    def read(self) -> bytes:
+        return self._response.read()
+
+    def lines(self) -> Iterator[str]:
+        return self._response.iter_lines()
+
+
+class _HttpxConnections:
+    """``Client`` over httpx: with a caller's transport, or when a proxy variable is set (httpx honours it)."""
+
+    def __init__(
+        self, server: str, headers: Mapping[str, str], *, timeout: float, transport: httpx.BaseTransport | None
+    ) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self._http = httpx.Client(base_url=server, headers=headers, timeout=timeout, transport=transport)
+
+    def request(self, method: str, path: str, *, body: Any = None, params: Params = None) -> _connections.Reply:
+        try:
+            response = self._http.request(method, path, json=body, params=params)
+        except self._httpx.TransportError as exc:
+            connect = isinstance(exc, self._httpx.ConnectError | self._httpx.ConnectTimeout)
+            raise _connections.NoAnswer(str(exc), connect=connect) from exc
+        retry_after = response.headers.get("Retry-After")
+        return _connections.Reply(response.status_code, response.reason_phrase, retry_after, response.content)
+
+    @contextmanager
+    def stream(self, path: str, params: Params, *, read_timeout: float | None) -> Iterator[_HttpxStream]:
+        timeout = self._httpx.Timeout(30.0, read=read_timeout)
+        try:
+            with self._http.stream("GET", path, params=params, timeout=timeout) as response:
+                yield _HttpxStream(response)
+        except self._httpx.TransportError as exc:
+            raise _connections.NoAnswer(str(exc), connect=False) from exc
+
+    def close(self) -> None:
+        self._http.close()
+
+
 class Client:
-    """A blocking client, for the CLI and scripts."""
+    """A blocking client, for the CLI and scripts; safe to share between threads."""
 
     def __init__(
         self,
@@ -97,7 +164,11 @@ class Client:
             headers["Authorization"] = f"Bearer {token}"
         self.server = server.rstrip("/")
         self.retry = retry
-        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, transport=transport)
+        self._http: _Connections
+        if transport is None and not _connections.proxy_configured():
+            self._http = _connections.ConnectionPool(self.server, headers, timeout=timeout)
+        else:
+            self._http = _HttpxConnections(self.server, headers, timeout=timeout, transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -113,19 +184,18 @@ class Client:
         for attempt in range(self.retry.attempts):
             last = attempt == self.retry.attempts - 1
             try:
-                response = self._http.request(method, path, json=json, params=_clean(params))
-            except httpx.TransportError as exc:
-                connect = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-                if last or not _should_retry(method, None, connect):
+                reply = self._http.request(method, path, body=json, params=_clean(params))
+            except _connections.NoAnswer as exc:
+                if last or not _should_retry(method, None, exc.connect):
                     raise TransportError(f"cannot reach {self.server}: {exc}") from exc
                 time.sleep(self.retry.delay(attempt, None))
                 continue
-            if response.is_success:
-                return response.json() if response.content else None
-            if not last and _should_retry(method, response.status_code, False):
-                time.sleep(self.retry.delay(attempt, response.headers.get("Retry-After")))
+            if 200 <= reply.status < 300:
+                return _json_loads(reply.body) if reply.body else None
+            if not last and _should_retry(method, reply.status, False):
+                time.sleep(self.retry.delay(attempt, reply.retry_after))
                 continue
-            raise _error_from(response)
+            raise _error_from(reply.status, reply.reason, reply.body)
         raise AssertionError("unreachable")
 
     def get(self, path: str, params: Params = None) -> Any:
@@ -162,16 +232,27 @@ class Client:
         if timeout is not None:
             query["timeout_seconds"] = timeout
         try:
-            with self._http.stream("GET", path, params=query, timeout=httpx.Timeout(30.0, read=None)) as response:
-                if not response.is_success:
-                    response.read()
-                    raise _error_from(response)
-                for line in response.iter_lines():
+            with self._http.stream(path, query, read_timeout=None) as response:
+                if not 200 <= response.status < 300:
+                    raise _error_from(response.status, response.reason, response.read())
+                for line in response.lines():
                     event = _parse_line(line)
                     if event is not None:
                         yield event
-        except httpx.TransportError as exc:
+        except _connections.NoAnswer as exc:
             raise TransportError(f"watch of {path} broke: {exc}") from exc
+
+
+async def _sleep(seconds: float) -> None:
+    # asyncio is imported here, not with the module: the CLI's blocking client never needs it.
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+def _json_loads(content: bytes) -> Any:
+    """``json.loads`` for ``Client.request``, whose ``json`` parameter hides the module."""
+    return json.loads(content)
 
 
 class AsyncClient:
@@ -192,6 +273,8 @@ class AsyncClient:
             headers["Authorization"] = f"Bearer {token}"
         self.server = server.rstrip("/")
         self.retry = retry
+        import httpx
+
         self._http = httpx.AsyncClient(
             base_url=self.server,
             headers=headers,
@@ -213,6 +296,8 @@ class AsyncClient:
         self._http.headers["Authorization"] = f"Bearer {token}"
 
     async def request(self, method: str, path: str, *, json: Any = None, params: Params = None) -> Any:
+        import httpx
+
         for attempt in range(self.retry.attempts):
             last = attempt == self.retry.attempts - 1
             try:
@@ -221,14 +306,14 @@ class AsyncClient:
                 connect = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
                 if last or not _should_retry(method, None, connect):
                     raise TransportError(f"cannot reach {self.server}: {exc}") from exc
-                await asyncio.sleep(self.retry.delay(attempt, None))
+                await _sleep(self.retry.delay(attempt, None))
                 continue
             if response.is_success:
                 return response.json() if response.content else None
             if not last and _should_retry(method, response.status_code, False):
-                await asyncio.sleep(self.retry.delay(attempt, response.headers.get("Retry-After")))
+                await _sleep(self.retry.delay(attempt, response.headers.get("Retry-After")))
                 continue
-            raise _error_from(response)
+            raise _error_from(response.status_code, response.reason_phrase, response.content)
         raise AssertionError("unreachable")
 
     async def get(self, path: str, params: Params = None) -> Any:
@@ -259,6 +344,8 @@ class AsyncClient:
     async def watch(
         self, path: str, resource_version: str, params: Params = None, *, timeout: float | None = None
     ) -> AsyncIterator[WatchEvent]:
+        import httpx
+
         query = {**(_clean(params) or {}), "watch": "true", "resource_version": resource_version}
         if timeout is not None:
             query["timeout_seconds"] = timeout
@@ -266,7 +353,7 @@ class AsyncClient:
             async with self._http.stream("GET", path, params=query, timeout=httpx.Timeout(30.0, read=None)) as response:
                 if not response.is_success:
                     await response.aread()
-                    raise _error_from(response)
+                    raise _error_from(response.status_code, response.reason_phrase, response.content)
                 async for line in response.aiter_lines():
                     event = _parse_line(line)
                     if event is not None:
