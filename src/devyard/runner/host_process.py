@@ -26,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import struct
 import subprocess
 import termios
@@ -38,6 +39,8 @@ from devyard.runner.errors import PermanentError
 
 __all__ = ["HostProcess", "start_host_process"]
 
+#: util-linux's setsid, which every Linux host has (Debian: essential).
+_SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 #: How much output a stream buffers before reading from the process pauses.
 _STREAM_LIMIT: Final = 64 * 1024
 
@@ -158,15 +161,17 @@ async def _start_with_terminal(
             _set_size(master, size)
         try:
             process = await asyncio.create_subprocess_exec(
+                # A session of its own with the terminal as its controlling one: job control, ^C and SIGWINCH
+                # reach it as they would in a terminal window. util-linux's setsid does that between fork and
+                # exec; Python code there (preexec_fn) could deadlock in a runner with threads.
+                _SETSID,
+                "--ctty",
                 *argv,
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
                 env=env,
                 cwd=cwd,
-                # A session of its own with the terminal as its controlling one: job control, ^C and SIGWINCH
-                # reach it as they would in a terminal window.
-                preexec_fn=_take_terminal,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise PermanentError(f"cannot run {argv[0]!r}: {getattr(exc, 'strerror', None) or exc}") from exc
@@ -195,8 +200,3 @@ async def _start_with_terminal(
 
 def _set_size(terminal: int, size: tuple[int, int]) -> None:
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
-
-
-def _take_terminal() -> None:
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
