@@ -42,7 +42,7 @@ from devyard.runner.backoff import Backoff, BackoffPolicy
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.controller import Controller
 from devyard.runner.environments import EnvironmentReconciler
-from devyard.runner.errors import CredentialError, PermanentError, RunnerError
+from devyard.runner.errors import CredentialError, RunnerError, StateDirInUse
 from devyard.runner.fake_runtime import FakeRuntime, FakeRuntimeConfig
 from devyard.runner.gateway import Gateway, TicketCheck
 from devyard.runner.informer import Informer
@@ -200,7 +200,7 @@ class Agent:
         lock = state_lock.hold(self.settings.state_dir)
         if lock is None:
             holder = state_lock.holder(self.settings.state_dir)
-            raise PermanentError(
+            raise StateDirInUse(
                 f"another process (pid {holder}) holds {state_lock.lock_path(self.settings.state_dir)}: "
                 "a runner, or `devyard runner doctor --fix`, already acts on this state directory"
             )

@@ -15,6 +15,7 @@ __all__ = [
     "ErrorClass",
     "PermanentError",
     "RunnerError",
+    "StateDirInUse",
     "TemporaryError",
     "classify",
 ]
@@ -46,6 +47,10 @@ class ContainerNotRunning(PermanentError):
 
 class CredentialError(PermanentError):
     """The runner cannot get or use its credential: the exchange token or the credential was refused."""
+
+
+class StateDirInUse(PermanentError):
+    """Another process (a runner, or ``doctor --fix``) holds the runner's state directory."""
 
 
 class ErrorClass(enum.Enum):

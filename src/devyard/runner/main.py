@@ -2,7 +2,7 @@
 
 Sets up logging, runs one ``Agent`` until SIGINT or SIGTERM, and stops it cleanly (a second signal
 interrupts at once). Exits with status 2 if the server will not have this runner (a refused exchange token or
-credential): retrying would not help, so it says why and stops.
+credential) or another process holds its state directory: retrying would not help, so it says why and stops.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import signal
 
 from devyard.runner.agent import Agent
-from devyard.runner.errors import CredentialError
+from devyard.runner.errors import CredentialError, StateDirInUse
 from devyard.runner.settings import RunnerSettings
 
 __all__ = ["run_runner"]
@@ -28,7 +28,7 @@ def run_runner(settings: RunnerSettings) -> None:
     )
     try:
         asyncio.run(_run(settings))
-    except CredentialError as exc:
+    except (CredentialError, StateDirInUse) as exc:
         log.error("%s", exc)
         raise SystemExit(2) from exc
 

@@ -9,6 +9,7 @@ mount, no runc container, no cgroup, no network namespace, no veth, no directory
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -26,6 +27,8 @@ import pytest
 
 from devyard.client import Client
 from devyard.runner.linux import cgroups
+from devyard.runner.linux.network import Network
+from devyard.runner.settings import RunnerSettings
 from support import host
 from support.live_server import LiveServer
 from support.registry import USERS, RegistryServer
@@ -151,8 +154,9 @@ def system(
         log.close()
         if sys.exc_info()[0] is not None or runner.returncode not in (0, -signal.SIGTERM):
             print((base / "runner.log").read_text(errors="replace")[-5000:])
-        subprocess.run(["ip", "link", "del", bridge], check=False, capture_output=True)
-        subprocess.run(["nft", "delete", "table", "inet", f"devyard_{bridge}"], check=False, capture_output=True)
+        # The runner leaves its bridge, table and namespace directory for its next start; this one has none.
+        network = Network.from_settings(RunnerSettings(state_dir=state_dir, bridge=bridge, runtime="linux"))
+        asyncio.run(network.teardown())
         shutil.rmtree(base, ignore_errors=True)
 
 
