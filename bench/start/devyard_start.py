@@ -164,14 +164,14 @@ class _Environments:
 
     def exec_true(self, environment_id: str) -> int:
         from devyard.cli import _exec_session
-        from devyard.wire.access import EnvironmentAccess
 
-        access = EnvironmentAccess.model_validate(self.client.post(f"/api/v1/environments/{environment_id}/access"))
+        answer = self.client.post(f"/api/v1/environments/{environment_id}/access")
+        access = _exec_session.GatewayAccess.from_answer(answer)
         options = _exec_session.SessionOptions(argv=("true",), tty=False, env={})
         # The CLI's session, with /dev/null for its streams: this process's own stdin stays untouched.
         null = os.open(os.devnull, os.O_RDWR)
         try:
-            return asyncio.run(_exec_session._session(access, options, null, null))
+            return _exec_session.run_session(access, options, stdin_fd=null, stdout_fd=null)
         finally:
             os.close(null)
 

@@ -4,11 +4,15 @@
 or streams to it until the command exits; it returns the command's exit code. With a TTY the local terminal is
 put in raw mode (restored on every way out) and window size changes (SIGWINCH) are sent as resizes. Imported only
 by that command: it pulls in ``websockets``.
+
+It speaks through websockets' blocking client (``websockets.sync``) with a thread per input (stdin, resizes)
+beside the main thread, which receives: neither asyncio nor the pydantic wire models are imported, because
+``env exec`` must start fast (they cost it about a tenth of a second). The messages are plain JSON, as the
+gateway's module docstring describes them (``ExecStart`` in ``devyard.wire.access`` is their schema).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -19,15 +23,14 @@ import threading
 import tty as terminal_modes
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Final
 
 import click
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.sync.client import ClientConnection, connect
 
-from devyard.wire.access import EnvironmentAccess, ExecStart
-
-__all__ = ["GatewayFailure", "SessionOptions", "exec_url", "run_session"]
+__all__ = ["GatewayAccess", "GatewayFailure", "SessionOptions", "exec_url", "run_session"]
 
 _STDIN, _STDOUT, _STDERR = 0, 1, 2
 _READ_CHUNK: Final = 32 * 1024
@@ -41,6 +44,23 @@ class GatewayFailure(click.ClickException):
 
 
 @dataclass(frozen=True)
+class GatewayAccess:
+    """What a session needs of the management plane's answer to ``POST /api/v1/environments/{id}/access``
+    (``EnvironmentAccess`` on the wire): where the gateway is, and the ticket to show it."""
+
+    gateway_url: str
+    environment_id: str
+    ticket: str
+
+    @classmethod
+    def from_answer(cls, answer: Any) -> GatewayAccess:
+        try:
+            return cls(str(answer["gateway_url"]), str(answer["environment_id"]), str(answer["ticket"]))
+        except (KeyError, TypeError):
+            raise GatewayFailure(f"the management plane's access answer lacks the gateway: {answer!r:.300}") from None
+
+
+@dataclass(frozen=True)
 class SessionOptions:
     argv: Sequence[str]
     tty: bool
@@ -49,7 +69,7 @@ class SessionOptions:
     user: str | None = None
 
 
-def exec_url(access: EnvironmentAccess) -> str:
+def exec_url(access: GatewayAccess) -> str:
     base = access.gateway_url.rstrip("/")
     if base.startswith("https://"):
         base = "wss://" + base.removeprefix("https://")
@@ -58,12 +78,17 @@ def exec_url(access: EnvironmentAccess) -> str:
     return f"{base}/v1/environments/{access.environment_id}/exec"
 
 
-def run_session(access: EnvironmentAccess, options: SessionOptions) -> int:
-    """Run the command through the gateway; its exit code, or ``GatewayFailure``."""
-    stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
+def run_session(
+    access: GatewayAccess, options: SessionOptions, *, stdin_fd: int | None = None, stdout_fd: int | None = None
+) -> int:
+    """Run the command through the gateway; its exit code, or ``GatewayFailure``. Input is read from
+    ``stdin_fd`` and the terminal's size from ``stdout_fd`` (default: this process's); output goes to
+    ``sys.stdout`` and ``sys.stderr``. Resizes are followed only when called from the main thread (signals)."""
+    stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
+    stdout_fd = sys.stdout.fileno() if stdout_fd is None else stdout_fd
     raw = options.tty and os.isatty(stdin_fd)
     with _raw_terminal(stdin_fd) if raw else contextlib.nullcontext():
-        return asyncio.run(_session(access, options, stdin_fd, stdout_fd))
+        return _session(access, options, stdin_fd, stdout_fd)
 
 
 @contextlib.contextmanager
@@ -84,69 +109,81 @@ def _terminal_size(fd: int) -> tuple[int, int] | None:
     return size.lines, size.columns
 
 
-async def _session(access: EnvironmentAccess, options: SessionOptions, stdin_fd: int, stdout_fd: int) -> int:
-    url = exec_url(access)
+def _session(access: GatewayAccess, options: SessionOptions, stdin_fd: int, stdout_fd: int) -> int:
     env = dict(options.env)
     if options.tty and "TERM" in os.environ:
         env.setdefault("TERM", os.environ["TERM"])
-    start = ExecStart(
-        argv=list(options.argv),
-        env=env,
-        tty=options.tty,
-        size=_terminal_size(stdout_fd) if options.tty else None,
-        cwd=options.cwd,
-        user=options.user,
-    )
+    size = _terminal_size(stdout_fd) if options.tty else None
+    start = {
+        "argv": list(options.argv),
+        "env": env,
+        "tty": options.tty,
+        "size": None if size is None else list(size),
+        "cwd": options.cwd,
+        "user": options.user,
+    }
+    connection = _connect(access)
+    resizing = size is not None and threading.current_thread() is threading.main_thread()
+    with connection:
+        connection.send(json.dumps(start))
+        threading.Thread(
+            target=_send_stdin, args=(connection, stdin_fd), name="devyard-exec-stdin", daemon=True
+        ).start()
+        with _resizes_sent(connection, stdout_fd) if resizing else contextlib.nullcontext():
+            return _receive(connection)
+
+
+def _connect(access: GatewayAccess) -> ClientConnection:
     try:
-        connection = await connect(
-            url,
+        return connect(
+            exec_url(access),
             additional_headers={"Authorization": f"Bearer {access.ticket}"},
             compression=None,
             max_size=1024 * 1024,
             open_timeout=30,
+            legacy=True,  # a connection, not a reconnecting iterator: a session is not started twice
         )
     except InvalidStatus as exc:
         reason = exc.response.body.decode(errors="replace").strip() if exc.response.body else ""
         raise GatewayFailure(f"the gateway refused the session ({exc.response.status_code}): {reason}") from None
-    except (OSError, InvalidHandshake, TimeoutError) as exc:
+    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
         raise GatewayFailure(f"cannot reach the gateway at {access.gateway_url}: {exc}") from None
-    loop = asyncio.get_running_loop()
-    resizing = options.tty and _terminal_size(stdout_fd) is not None
-    async with connection:
-        await connection.send(start.model_dump_json())
-        sender = asyncio.create_task(_send_stdin(connection, stdin_fd))
-        if resizing:
-            loop.add_signal_handler(signal.SIGWINCH, _on_resize, connection, stdout_fd)
+
+
+@contextlib.contextmanager
+def _resizes_sent(connection: ClientConnection, fd: int) -> Iterator[None]:
+    """Send the terminal's size on every SIGWINCH. The handler only writes a byte to a pipe: it runs in the main
+    thread, which may be inside the connection's ``recv`` at the time; a thread of its own does the sending."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+
+    def on_resize(_signal: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(OSError):  # a full pipe already holds a wake-up
+            os.write(wake_write, b"\0")
+
+    def send_resizes() -> None:
         try:
-            return await _receive(connection)
+            while os.read(wake_read, 64):  # empty once the session closed the write end
+                size = _terminal_size(fd)
+                if size is not None:
+                    with contextlib.suppress(ConnectionClosed):
+                        connection.send(json.dumps({"resize": list(size)}))
         finally:
-            if resizing:
-                loop.remove_signal_handler(signal.SIGWINCH)
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            os.close(wake_read)
+
+    previous = signal.signal(signal.SIGWINCH, on_resize)
+    threading.Thread(target=send_resizes, name="devyard-exec-resize", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
+        os.close(wake_write)
 
 
-#: Resizes being sent (the loop keeps only weak references to tasks).
-_resizes: set[asyncio.Task[None]] = set()
-
-
-def _on_resize(connection: ClientConnection, fd: int) -> None:
-    size = _terminal_size(fd)
-    if size is not None:
-        task = asyncio.ensure_future(_send_quietly(connection, json.dumps({"resize": list(size)})))
-        _resizes.add(task)
-        task.add_done_callback(_resizes.discard)
-
-
-async def _send_quietly(connection: ClientConnection, message: str | bytes) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        await connection.send(message)
-
-
-async def _receive(connection: ClientConnection) -> int:
+def _receive(connection: ClientConnection) -> int:
     stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
     try:
-        async for message in connection:
+        for message in connection:
             if isinstance(message, bytes):
                 if not message:
                     continue
@@ -165,32 +202,18 @@ async def _receive(connection: ClientConnection) -> int:
     raise GatewayFailure("the gateway closed the session before the command exited")
 
 
-async def _send_stdin(connection: ClientConnection, fd: int) -> None:
-    """Stream stdin as it comes; at its end, tell the gateway. Reading happens in a thread (stdin may be a
-    terminal, a pipe or a file), handing chunks over through a small queue: no more is read than is sent."""
-    loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
-
-    def read() -> None:
+def _send_stdin(connection: ClientConnection, fd: int) -> None:
+    """Stream stdin as it comes; at its end, tell the gateway. Runs in a thread of its own (stdin may be a
+    terminal, a pipe or a file); each chunk is sent before the next is read, so no more is read than is sent."""
+    try:
         while True:
             try:
                 data = os.read(fd, _READ_CHUNK)
             except OSError:
                 data = b""
-            try:
-                asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
-            except (RuntimeError, asyncio.CancelledError):
-                return  # the session ended and its loop with it
             if not data:
+                connection.send(json.dumps({"close_stdin": True}))
                 return
-
-    threading.Thread(target=read, name="devyard-exec-stdin", daemon=True).start()
-    try:
-        while True:
-            data = await chunks.get()
-            if not data:
-                await connection.send(json.dumps({"close_stdin": True}))
-                return
-            await connection.send(bytes([_STDIN]) + data)
+            connection.send(bytes([_STDIN]) + data)
     except ConnectionClosed:
-        return
+        return  # the session ended

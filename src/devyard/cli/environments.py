@@ -250,12 +250,11 @@ def exec_in_environment(
     import os
     import sys
 
-    from devyard.cli._exec_session import SessionOptions, run_session
-    from devyard.wire.access import EnvironmentAccess
+    from devyard.cli._exec_session import GatewayAccess, SessionOptions, run_session
 
     client = invocation.client()
     path = _path(invocation, environment)
-    access = EnvironmentAccess.model_validate(client.post(path + "/access"))
+    access = GatewayAccess.from_answer(client.post(path + "/access"))
     with_tty = tty == "yes" or (tty is None and os.isatty(sys.stdin.fileno()) and os.isatty(sys.stdout.fileno()))
     options = SessionOptions(argv=command, tty=with_tty, env=dict(variables), cwd=workdir, user=user)
     invocation.close()  # the session may last long; the API connection is not needed meanwhile

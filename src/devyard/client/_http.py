@@ -2,7 +2,7 @@
 
 ``Client`` (the CLI's, so it must start fast) speaks through ``_connections`` on the standard library unless it is
 given an httpx transport or a proxy is configured; ``AsyncClient`` speaks through httpx. Neither httpx nor the
-pydantic wire models are imported until they are needed.
+pydantic wire models are imported until they are needed: a watch yields ``WatchEvent``s, plain dataclasses.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from devyard.client import _connections
 from devyard.client._errors import ApiError, TransportError
+from devyard.wire.watch_events import WatchEvent
 
 if TYPE_CHECKING:
     import httpx
-
-    from devyard.wire.meta import WatchEvent
 
 __all__ = ["AsyncClient", "Client", "RetryPolicy"]
 
@@ -79,9 +78,11 @@ def _clean(params: Params) -> dict[str, Any] | None:
 def _parse_line(line: str) -> WatchEvent | None:
     if not line.strip():
         return None
-    from devyard.wire.meta import WatchEvent
-
-    event = WatchEvent.model_validate(json.loads(line))
+    try:
+        event = WatchEvent.from_json(json.loads(line))
+    except ValueError as exc:  # json's errors are ValueErrors too
+        # The stream is broken like a cut connection would break it: the watcher lists again or retries.
+        raise TransportError(f"the watch stream has an unreadable line ({exc}): {line[:200]!r}") from None
     if event.type == "ERROR":
         error = event.object.get("error", {})
         code = str(error.get("code", "error"))

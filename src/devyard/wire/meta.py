@@ -8,6 +8,9 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Re-exported: they live without pydantic so that the CLI reads watch streams without importing it.
+from devyard.wire.watch_events import WatchEvent, WatchEventType
+
 __all__ = [
     "NAME_PATTERN",
     "Condition",
@@ -108,23 +111,6 @@ class ListResponse(ReadModel, Generic[ItemT]):
     resource_version: str
     #: Pass as ``page_token`` for the next page; absent on the last page.
     next_page_token: str | None = None
-
-
-class WatchEventType(enum.StrEnum):
-    ADDED = "ADDED"
-    MODIFIED = "MODIFIED"
-    DELETED = "DELETED"
-    #: No change, only a newer resource_version to resume from (``object.metadata.resource_version``).
-    BOOKMARK = "BOOKMARK"
-    #: The watch ended with an error (``object`` is an ErrorEnvelope); 410 means relist.
-    ERROR = "ERROR"
-
-
-class WatchEvent(ReadModel):
-    """One line of a watch stream (``application/x-ndjson``)."""
-
-    type: WatchEventType
-    object: dict[str, Any]
 
 
 class ErrorCode(enum.StrEnum):
