@@ -296,6 +296,9 @@ class AsyncClient:
     def set_token(self, token: str) -> None:
         self._http.headers["Authorization"] = f"Bearer {token}"
 
+    def clear_token(self) -> None:
+        self._http.headers.pop("Authorization", None)
+
     async def request(self, method: str, path: str, *, json: Any = None, params: Params = None) -> Any:
         import httpx
 

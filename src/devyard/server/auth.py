@@ -83,10 +83,16 @@ class Principal:
 
 
 def new_credential(
-    principal_type: str, *, token_id: str, subject_id: str, expires_at: datetime | None
+    principal_type: str,
+    *,
+    token_id: str,
+    subject_id: str,
+    expires_at: datetime | None,
+    secret: str | None = None,
 ) -> tuple[str, CredentialRow]:
-    """A new credential: its secret (shown once, never stored) and the row that keeps only its hash."""
-    secret = new_secret(principal_type)
+    """A new credential: its secret (shown once, never stored; made here unless the caller proposes one) and the
+    row that keeps only its hash."""
+    secret = secret or new_secret(principal_type)
     row = CredentialRow(
         hash=hash_secret(secret),
         principal_type=principal_type,
@@ -106,9 +112,12 @@ def issue_credential(
     token_id: str,
     subject_id: str,
     expires_at: datetime | None,
+    secret: str | None = None,
 ) -> str:
     """Add a credential to the session; returns its secret."""
-    secret, row = new_credential(principal_type, token_id=token_id, subject_id=subject_id, expires_at=expires_at)
+    secret, row = new_credential(
+        principal_type, token_id=token_id, subject_id=subject_id, expires_at=expires_at, secret=secret
+    )
     session.add(row)
     return secret
 

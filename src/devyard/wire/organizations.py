@@ -141,4 +141,6 @@ class Whoami(ReadModel):
     principal: str  # "user" | "runner"
     id: str
     name: str
+    #: A runner's organization (None for users, whose organizations are in ``memberships``).
+    organization_id: str | None = None
     memberships: list[Membership] = Field(default_factory=list)

@@ -90,6 +90,10 @@ class RunnerCreated(ReadModel):
 
 class RunnerExchange(WriteModel):
     exchange_token: str = Field(min_length=1, max_length=200)
+    #: The credential the runner proposes (``dyr_`` and at least 43 random URL-safe characters), kept in its state
+    #: directory before it asks: a runner killed after the server said yes, but before it wrote the answer down,
+    #: still holds a credential that works. None: the server makes one.
+    credential: str | None = Field(default=None, pattern=r"^dyr_[A-Za-z0-9_-]{43,86}$")
 
 
 class RunnerCredential(ReadModel):

@@ -41,7 +41,13 @@ async def whoami(ctx: Context = Depends(context)) -> Any:
             )
             memberships = [resources.render(row) for row in rows]
     return JSONResponse(
-        {"principal": principal.type, "id": principal.id, "name": principal.name, "memberships": memberships}
+        {
+            "principal": principal.type,
+            "id": principal.id,
+            "name": principal.name,
+            "organization_id": principal.organization_id,
+            "memberships": memberships,
+        }
     )
 
 

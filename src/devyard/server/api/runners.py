@@ -48,7 +48,7 @@ async def exchange(body: RunnerExchange, anon: Anonymous = Depends(anonymous)) -
     """Trade a one-time exchange token for the runner's credential. Needs no other authentication."""
     async with anon.state.database.write() as session:
         tx = Tx(session, anon.actor)
-        row, secret = await runners.exchange(tx, body.exchange_token)
+        row, secret = await runners.exchange(tx, body.exchange_token, body.credential)
         await tx.commit()
     anon.state.credentials.forget_subject(row.id)
     return JSONResponse({"runner_id": row.id, "organization_id": row.organization_id, "token": secret})

@@ -64,8 +64,9 @@ async def new_exchange_token(
     return row, secret, expires_at
 
 
-async def exchange(tx: resources.Tx, secret: str) -> tuple[ResourceRow, str]:
-    """Trade a one-time exchange token for the runner's long-lived credential."""
+async def exchange(tx: resources.Tx, secret: str, proposed: str | None = None) -> tuple[ResourceRow, str]:
+    """Trade a one-time exchange token for the runner's long-lived credential: ``proposed`` (the runner's own,
+    random), or a new one."""
     session = tx.session
     credential = await session.get(CredentialRow, auth.hash_secret(secret))
     now = resources.utcnow()
@@ -86,7 +87,11 @@ async def exchange(tx: resources.Tx, secret: str) -> tuple[ResourceRow, str]:
         .where(CredentialRow.revoked_at.is_(None))
         .values(revoked_at=now)
     )
-    runner_secret = auth.issue_credential(session, "runner", token_id=row.id, subject_id=row.id, expires_at=None)
+    if proposed is not None and await session.get(CredentialRow, auth.hash_secret(proposed)) is not None:
+        raise Conflict("that credential is taken: propose another")
+    runner_secret = auth.issue_credential(
+        session, "runner", token_id=row.id, subject_id=row.id, expires_at=None, secret=proposed
+    )
     tx.audit("exchange", row, {"runner": row.name})
     return row, runner_secret
 
