@@ -12,7 +12,9 @@ newline, as its stdout (like ``echo``). Tests and demos may rely on exactly that
 
 ``open_exec`` (what the runner's gateway calls for ``devyard env exec``) is not canned: it runs the command as a
 host subprocess (``host_process``), as the runner's own user, in a scratch directory of the fake container (its
-working directory; ``cwd`` relative to it), with a pseudo-terminal when ``tty``. It is a test double, and
+working directory; ``cwd`` relative to it, except that a path under a workspace mount's target is in
+``workspace``), with a pseudo-terminal when ``tty``; the spec's ``remote_env`` and ``workdir`` apply, its
+``remote_user`` does not (there is only the runner's user). It is a test double, and
 ``devyard up`` uses it only when not root, so it grants nothing the user does not already have; a ``user`` other
 than the runner's own is refused. The scratch directories live beside the state file (else in a temporary
 directory, removed by ``close``) and go with their container's ``delete``.
@@ -43,7 +45,14 @@ from typing import Any, Final
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError, TemporaryError
 from devyard.runner.host_process import HostProcess, start_host_process
-from devyard.runner.runtime import ContainerSpec, ContainerState, ContainerStatus, ExecRequest, ExecResult
+from devyard.runner.runtime import (
+    ContainerSpec,
+    ContainerState,
+    ContainerStatus,
+    ExecRequest,
+    ExecResult,
+    MountKind,
+)
 
 __all__ = ["OPERATIONS", "FakeRuntime", "FakeRuntimeConfig"]
 
@@ -199,6 +208,11 @@ class FakeRuntime:
             raise ContainerNotRunning(f"container of {environment_id} is {current.state}, not running")
         return ExecResult(exit_code=0, stdout=(shlex.join(argv) + "\n").encode())
 
+    def workspace(self, environment_id: str) -> Path:
+        directory = self._scratch(environment_id) / "workspace"
+        directory.mkdir(exist_ok=True)
+        return directory
+
     def progress(self, environment_id: str) -> str | None:
         started = self._creating.get(environment_id)
         if started is None:
@@ -215,10 +229,17 @@ class FakeRuntime:
                 f"the fake runtime runs commands as the runner's own user; it cannot run them as {request.user!r}"
             )
         scratch = self._scratch(environment_id)
-        cwd = scratch / request.cwd if request.cwd else scratch
+        wanted = request.cwd or current.spec.workdir
+        cwd = self._host_path(environment_id, current.spec, wanted) if wanted else scratch
         if not cwd.is_dir():
-            raise PermanentError(f"the working directory {request.cwd!r} does not exist in {environment_id}")
-        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(scratch), **current.spec.env, **request.env}
+            raise PermanentError(f"the working directory {wanted!r} does not exist in {environment_id}")
+        env = {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "HOME": str(scratch),
+            **current.spec.env,
+            **current.spec.remote_env,
+            **request.env,
+        }
         if request.tty:
             env.setdefault("TERM", "xterm-256color")
         return await start_host_process(request.argv, env=env, cwd=cwd, tty=request.tty, size=request.size)
@@ -265,6 +286,15 @@ class FakeRuntime:
             kind = "permanent" if self.config.failure_permanent else "temporary"
             message = f"random {kind} failure of {name}"
             raise (PermanentError if self.config.failure_permanent else TemporaryError)(message)
+
+    def _host_path(self, environment_id: str, spec: ContainerSpec, path: str) -> Path:
+        """Where a path inside the fake container is: in the workspace under a workspace mount's target, else
+        in the scratch directory."""
+        for mount in spec.mounts:
+            target = mount.target.rstrip("/")
+            if mount.kind is MountKind.WORKSPACE and (path == target or path.startswith(target + "/")):
+                return self.workspace(environment_id) / path[len(target) :].lstrip("/")
+        return self._scratch(environment_id) / path.lstrip("/")
 
     def _scratch(self, environment_id: str) -> Path:
         if self._scratch_root is None:

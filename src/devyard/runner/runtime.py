@@ -23,6 +23,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = [
@@ -32,8 +33,44 @@ __all__ = [
     "ExecProcess",
     "ExecRequest",
     "ExecResult",
+    "Mount",
+    "MountKind",
     "Runtime",
 ]
+
+
+class MountKind(enum.StrEnum):
+    #: The environment's workspace (``Runtime.workspace``), where its content lives; part of its disk.
+    WORKSPACE = "workspace"
+    #: A named directory kept with the environment's disk, across stop and start, removed with it.
+    VOLUME = "volume"
+    #: Memory, empty at every start.
+    TMPFS = "tmpfs"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A mount a container gets besides its image's root. There are no host paths here on purpose: what an
+    environment sees of the host is only what its runtime owns for it."""
+
+    kind: MountKind
+    #: The absolute path inside the container.
+    target: str
+    #: A volume's name; unused for the other kinds.
+    source: str = ""
+    read_only: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "target": self.target, "source": self.source, "read_only": self.read_only}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Mount:
+        return cls(
+            kind=MountKind(document["kind"]),
+            target=str(document["target"]),
+            source=str(document["source"]),
+            read_only=bool(document["read_only"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -53,6 +90,23 @@ class ContainerSpec:
     #: Registry host -> (username, password), from the environment's registry-credential secrets. Used to pull
     #: the image; never written to disk, logged or compared.
     registry_credentials: Mapping[str, tuple[str, str]] = field(default_factory=dict, repr=False, compare=False)
+    mounts: tuple[Mount, ...] = ()
+    #: The user PID 1 runs as (``user``, ``uid``, ``user:group``); None: the image's.
+    user: str | None = None
+    #: Run the keep-alive process as PID 1 instead of the image's command (devcontainer.json's
+    #: ``overrideCommand``).
+    override_command: bool = False
+    #: Capabilities besides the default set (``SYS_PTRACE``); within the user namespace, like the rest.
+    capabilities: tuple[str, ...] = ()
+    #: Every capability (within the user namespace: root inside is still nobody outside).
+    privileged: bool = False
+    #: What ``open_exec`` uses when the request does not say: the user (devcontainer.json's ``remoteUser``),
+    #: extra environment variables (``remoteEnv``) and the working directory (``workspaceFolder``).
+    remote_user: str | None = None
+    remote_env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    #: The user (as in ``user``) the workspace's files are given to once, when the container is made.
+    workspace_owner: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The spec as a runtime keeps it on disk: everything but the credentials."""
@@ -65,6 +119,15 @@ class ContainerSpec:
             "disk_gib": self.disk_gib,
             "labels": dict(self.labels),
             "generation": self.generation,
+            "mounts": [mount.to_json() for mount in self.mounts],
+            "user": self.user,
+            "override_command": self.override_command,
+            "capabilities": list(self.capabilities),
+            "privileged": self.privileged,
+            "remote_user": self.remote_user,
+            "remote_env": dict(self.remote_env),
+            "workdir": self.workdir,
+            "workspace_owner": self.workspace_owner,
         }
 
     @classmethod
@@ -79,7 +142,21 @@ class ContainerSpec:
             disk_gib=None if document["disk_gib"] is None else int(document["disk_gib"]),
             labels={str(k): str(v) for k, v in document["labels"].items()},
             generation=int(document["generation"]),
+            # Absent from what runners before mounts wrote.
+            mounts=tuple(Mount.from_json(mount) for mount in document.get("mounts", ())),
+            user=_optional_str(document.get("user")),
+            override_command=bool(document.get("override_command", False)),
+            capabilities=tuple(str(c) for c in document.get("capabilities", ())),
+            privileged=bool(document.get("privileged", False)),
+            remote_user=_optional_str(document.get("remote_user")),
+            remote_env={str(k): str(v) for k, v in document.get("remote_env", {}).items()},
+            workdir=_optional_str(document.get("workdir")),
+            workspace_owner=_optional_str(document.get("workspace_owner")),
         )
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 class ContainerState(enum.StrEnum):
@@ -190,6 +267,12 @@ class Runtime(Protocol):
     async def open_exec(self, environment_id: str, request: ExecRequest) -> ExecProcess:
         """Start ``request`` inside the running container and return it with its streams; the caller waits.
         Raises ``errors.ContainerNotRunning`` when the container is not running."""
+        ...
+
+    def workspace(self, environment_id: str) -> Path:
+        """The host directory of the environment's workspace (made if missing, kept across stop and start,
+        removed by ``delete``), where the runner puts its content before ``create``; a ``Mount`` of kind
+        ``workspace`` shows it inside."""
         ...
 
     def progress(self, environment_id: str) -> str | None:

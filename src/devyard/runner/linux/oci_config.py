@@ -26,11 +26,13 @@ from typing import Any, Final
 from devyard.runner.images.image import IdRange
 
 __all__ = [
+    "ALL_CAPABILITIES",
     "CAPABILITIES",
     "MASKED_PATHS",
     "READONLY_PATHS",
     "BindMount",
     "ContainerProcess",
+    "capability_set",
     "container_config",
     "hostname_for",
     "nofile_limit",
@@ -56,6 +58,19 @@ CAPABILITIES: Final[tuple[str, ...]] = tuple(
         "AUDIT_WRITE",
     )
 )
+
+#: Every capability of Linux 5.9 and later (``--privileged``): still bounded by the user namespace.
+ALL_CAPABILITIES: Final[tuple[str, ...]] = tuple(
+    f"CAP_{name}"
+    for name in (
+        "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+        "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER",
+        "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+        "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+        "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF",
+        "CHECKPOINT_RESTORE",
+    )
+)  # fmt: skip
 
 MASKED_PATHS: Final[tuple[str, ...]] = (
     "/proc/acpi",
@@ -105,6 +120,20 @@ class ContainerProcess:
     additional_gids: Sequence[int] = field(default_factory=tuple)
 
 
+def capability_set(extra: Sequence[str], *, privileged: bool) -> tuple[str, ...]:
+    """The default capabilities plus ``extra`` (``SYS_PTRACE`` or ``CAP_SYS_PTRACE``), or all of them when
+    ``privileged``; an unknown name is a ValueError."""
+    if privileged:
+        return ALL_CAPABILITIES
+    wanted = list(CAPABILITIES)
+    for name in extra:
+        full = name.upper() if name.upper().startswith("CAP_") else f"CAP_{name.upper()}"
+        if full not in ALL_CAPABILITIES:
+            raise ValueError(f"unknown capability {name!r}")
+        wanted.append(full)
+    return tuple(dict.fromkeys(wanted))
+
+
 def hostname_for(labels: Mapping[str, str], environment_id: str) -> str:
     """The container's hostname: the environment's name (label ``devyard.io/name``) as a DNS label, else its id."""
     for candidate in (labels.get("devyard.io/name", ""), environment_id):
@@ -135,10 +164,12 @@ def container_config(
     resources: Mapping[str, Any],
     seccomp: Mapping[str, Any],
     binds: Sequence[BindMount] = (),
+    tmpfs: Sequence[str] = (),
+    capabilities: Sequence[str] = CAPABILITIES,
     annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The whole ``config.json`` document."""
-    capabilities = list(CAPABILITIES)
+    """The whole ``config.json`` document. ``tmpfs``: paths inside that get an empty tmpfs at each start."""
+    capabilities = list(dict.fromkeys(capabilities))
     nofile = nofile_limit()
     network: dict[str, str] = {"type": "network"}
     if netns_path is not None:
@@ -164,7 +195,7 @@ def container_config(
         },
         "root": {"path": str(rootfs), "readonly": False},
         "hostname": hostname,
-        "mounts": _mounts(own_network=netns_path is None, binds=binds),
+        "mounts": _mounts(own_network=netns_path is None, binds=binds, tmpfs=tmpfs),
         "linux": {
             "uidMappings": [{"containerID": 0, "hostID": id_range.start, "size": id_range.size}],
             "gidMappings": [{"containerID": 0, "hostID": id_range.start, "size": id_range.size}],
@@ -187,7 +218,7 @@ def container_config(
     }
 
 
-def _mounts(*, own_network: bool, binds: Sequence[BindMount]) -> list[dict[str, Any]]:
+def _mounts(*, own_network: bool, binds: Sequence[BindMount], tmpfs: Sequence[str]) -> list[dict[str, Any]]:
     if own_network:
         sys_mount: dict[str, Any] = {
             "destination": "/sys",
@@ -238,4 +269,7 @@ def _mounts(*, own_network: bool, binds: Sequence[BindMount]) -> list[dict[str, 
         if bind.read_only:
             options.append("ro")
         mounts.append({"destination": bind.destination, "type": "bind", "source": str(bind.source), "options": options})
+    for destination in tmpfs:
+        options = ["nosuid", "nodev", "mode=1777"]
+        mounts.append({"destination": destination, "type": "tmpfs", "source": "tmpfs", "options": options})
     return mounts

@@ -7,6 +7,8 @@ On disk, under ``<state_dir>``:
 
 - ``runc/``: runc's state root (``runc --root``), so devyard's containers are its own;
 - ``environments/<id>/``: ``upper/`` and ``work/`` (the environment's disk, kept across stop and start),
+  ``workspace/`` (its content, bound at the workspace mount's target; given once to ``workspace_owner``, noted
+  in ``workspace.owner``), ``volumes/<name>/`` (its named volumes),
   ``rootfs/`` (the overlay, mounted while a runc container exists), ``config.json`` (the OCI bundle),
   ``hosts`` and ``resolv.conf`` (bound read-only into the container), ``console.log`` (PID 1's output), and
   ``record.json``: the ContainerSpec, the image, timings, times, exit code, and the ``intent`` (created,
@@ -71,6 +73,7 @@ from devyard.runner.runtime import (
     ContainerStatus,
     ExecRequest,
     ExecResult,
+    MountKind,
 )
 
 __all__ = ["KEEP_ALIVE", "SHELLS", "LinuxRuntime", "init_process"]
@@ -85,6 +88,7 @@ _ENVIRONMENT_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _LIVE: Final = frozenset({"running", "paused"})
 _KILLED_EXIT_CODE: Final = 128 + signal.SIGKILL
 _KILL_WAIT_SECONDS: Final = 10.0
+_VOLUME_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DEFAULT_PATH: Final = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -164,16 +168,25 @@ class LinuxRuntime:
             if record is not None:
                 return await self._status(record)
             if self._directory(environment_id).exists():
-                await self._tear_down(environment_id)  # an incomplete create or delete of a previous process
+                # An incomplete create of a previous process; the workspace the runner filled for this create
+                # stays.
+                await self._tear_down(environment_id, keep_workspace=True)
             self._creating[environment_id] = f"getting the image {spec.image}"
             try:
                 return await self._create(spec)
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await self._tear_down(environment_id)
+                    await self._tear_down(environment_id, keep_workspace=True)
                 raise
             finally:
                 self._creating.pop(environment_id, None)
+
+    def workspace(self, environment_id: str) -> Path:
+        directory = self._directory(_checked(environment_id))
+        directory.mkdir(mode=0o711, exist_ok=True)
+        workspace = directory / "workspace"
+        workspace.mkdir(mode=0o755, exist_ok=True)
+        return workspace
 
     def progress(self, environment_id: str) -> str | None:
         """How far a create in progress has come (the image's pull and unpack, then the container), or None."""
@@ -230,21 +243,24 @@ class LinuxRuntime:
     async def open_exec(self, environment_id: str, request: ExecRequest) -> HostProcess:
         if not request.argv:
             raise PermanentError("exec needs a program to run")
-        self._require_record(environment_id)
+        spec = self._require_record(environment_id).spec
         info = await self.runc.state(environment_id)
         if info is None or info.status != "running":
             state = info.status if info is not None else "stopped"
             raise ContainerNotRunning(f"the container of {environment_id} is {state}, not running")
         user: tuple[int, int] | None = None
         additional_gids: tuple[int, ...] = ()
-        if request.user is not None:
-            user, additional_gids = _resolve_user(self._rootfs(environment_id), request.user)
-        env = {"TERM": "xterm", **request.env} if request.tty else request.env
+        wanted_user = request.user or spec.remote_user
+        if wanted_user is not None:
+            user, additional_gids = _resolve_user(self._rootfs(environment_id), wanted_user)
+        env = {**spec.remote_env, **request.env}
+        if request.tty:
+            env = {"TERM": "xterm", **env}
         argv = self.runc.exec_argv(
             environment_id,
             request.argv,
             env=env,
-            cwd=request.cwd,
+            cwd=request.cwd or spec.workdir,
             user=user,
             additional_gids=additional_gids,
             tty=request.tty,
@@ -423,16 +439,23 @@ class LinuxRuntime:
         _write_atomically(directory / "resolv.conf", resolv_conf.encode(), mode=0o644)
         _write_atomically(directory / "hosts", hosts.encode(), mode=0o644)
         config = record.image_config
-        args = init_process(config)
+        spec = record.spec
+        args = KEEP_ALIVE if spec.override_command else init_process(config)
         if args == KEEP_ALIVE and not _exists_in_root(rootfs, "/bin/sh"):
-            raise PermanentError(
-                f"image {record.spec.image} has no command and no /bin/sh to keep its environment up with"
-            )
+            raise PermanentError(f"image {spec.image} has no command and no /bin/sh to keep its environment up with")
         uid, gid = 0, 0
         additional_gids: tuple[int, ...] = ()
-        if config.user:
-            (uid, gid), additional_gids = _resolve_user(rootfs, config.user)
-        env = _merge_env(config.env, record.spec.env, hostname)
+        user = spec.user or config.user
+        if user:
+            (uid, gid), additional_gids = _resolve_user(rootfs, user)
+        env = _merge_env(config.env, spec.env, hostname)
+        binds, tmpfs = self._mounts(record)
+        if spec.workspace_owner:
+            self._give_workspace(environment_id, _resolve_user(rootfs, spec.workspace_owner)[0])
+        try:
+            capabilities = oci_config.capability_set(spec.capabilities, privileged=spec.privileged)
+        except ValueError as exc:
+            raise PermanentError(str(exc)) from exc
         document = oci_config.container_config(
             rootfs=rootfs,
             process=oci_config.ContainerProcess(
@@ -444,15 +467,16 @@ class LinuxRuntime:
             # namespace first and then may not enter a network namespace the host's user namespace owns.
             netns_path=None,
             cgroups_path=cgroups.cgroups_path(self.cgroup_parent, environment_id),
-            resources=cgroups.resources(
-                cpu=record.spec.cpu, memory_mib=record.spec.memory_mib, pids_limit=self.pids_limit
-            ),
+            resources=cgroups.resources(cpu=spec.cpu, memory_mib=spec.memory_mib, pids_limit=self.pids_limit),
             seccomp=seccomp.seccomp_profile(),
             binds=[
                 oci_config.BindMount(directory / "resolv.conf", "/etc/resolv.conf"),
                 oci_config.BindMount(directory / "hosts", "/etc/hosts"),
+                *binds,
                 *self.binds,
             ],
+            tmpfs=tmpfs,
+            capabilities=capabilities,
             annotations={"devyard.io/environment": environment_id},
         )
         _write_atomically(directory / "config.json", json.dumps(document, indent=1).encode(), mode=0o600)
@@ -468,6 +492,45 @@ class LinuxRuntime:
             info = await self.runc.state(environment_id)
         if info is not None and info.pid > 0:
             await self._attach_network(environment_id, hostname, info.pid)
+
+    def _mounts(self, record: _Record) -> tuple[builtins.list[oci_config.BindMount], builtins.list[str]]:
+        """The binds (workspace, volumes) and tmpfs targets of the spec's mounts; the directories made as needed,
+        owned by root inside."""
+        directory = self._directory(record.spec.environment_id)
+        root_id = self.images.id_range.host_id(0)
+        binds: builtins.list[oci_config.BindMount] = []
+        tmpfs: builtins.list[str] = []
+        for mount in record.spec.mounts:
+            if mount.kind is MountKind.TMPFS:
+                tmpfs.append(mount.target)
+                continue
+            if mount.kind is MountKind.WORKSPACE:
+                source = directory / "workspace"
+            else:
+                if not _VOLUME_NAME.match(mount.source):
+                    raise PermanentError(f"invalid volume name {mount.source!r}")
+                source = directory / "volumes" / mount.source
+            if not source.exists():
+                source.mkdir(mode=0o755, parents=True)
+                os.chown(source, root_id, root_id)
+            binds.append(oci_config.BindMount(source, mount.target, read_only=mount.read_only))
+        return binds, tmpfs
+
+    def _give_workspace(self, environment_id: str, owner: tuple[int, int]) -> None:
+        """Give the workspace's files (made by the runner as root) to the user inside, once: a user who later
+        gives a file to someone else keeps it that way."""
+        directory = self._directory(environment_id)
+        uid, gid = (self.images.id_range.host_id(owner[0]), self.images.id_range.host_id(owner[1]))
+        marker = directory / "workspace.owner"
+        if marker.exists():
+            return
+        workspace = directory / "workspace"
+        if workspace.is_dir():
+            os.lchown(workspace, uid, gid)
+            for parent, directories, files in os.walk(workspace):
+                for name in (*directories, *files):
+                    os.lchown(os.path.join(parent, name), uid, gid)
+        _write_atomically(marker, f"{uid}:{gid}\n".encode(), mode=0o644)
 
     async def _attach_network(self, environment_id: str, hostname: str, pid: int) -> None:
         """Hand the network the container's own namespace and wire it; idempotent.
@@ -555,8 +618,9 @@ class LinuxRuntime:
         removed = bool(cgroups.remove_cgroup(directories))
         return self.runc.discard_incomplete(environment_id) or removed
 
-    async def _tear_down(self, environment_id: str) -> None:
-        """Remove everything of an environment that has no record (any more); idempotent."""
+    async def _tear_down(self, environment_id: str, *, keep_workspace: bool = False) -> None:
+        """Remove everything of an environment that has no record (any more); idempotent. ``keep_workspace``:
+        except its workspace (for the create that follows: the runner fetched its content before)."""
         await self.runc.delete(environment_id, force=True)
         self._discard_incomplete_container(environment_id)
         directory = self._directory(environment_id)
@@ -565,7 +629,11 @@ class LinuxRuntime:
             await self.network.detach(environment_id)
         if _mounts_under(directory):
             raise TemporaryError(f"{directory} still has mounts; not removing it")
-        if directory.exists():
+        if keep_workspace and (directory / "workspace").is_dir():
+            for entry in directory.iterdir():
+                if entry.name != "workspace":
+                    await asyncio.to_thread(_remove, entry)
+        elif directory.exists():
             await asyncio.to_thread(shutil.rmtree, directory)
         await self.images.release(environment_id)
 
@@ -685,6 +753,13 @@ async def _unmount_all(directory: Path) -> None:
             code, output = await _command("umount", "--lazy", str(mount_point))
             if code != 0:
                 raise TemporaryError(f"unmounting {mount_point} failed: {output}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _is_mount_point(path: Path) -> bool:
@@ -904,7 +979,8 @@ def _encode(record: _Record) -> dict[str, Any]:
 
     return {
         "version": _FORMAT_VERSION,
-        "spec": {**dataclasses.asdict(spec), "env": dict(spec.env), "labels": dict(spec.labels)},
+        # to_json: everything but the registry credentials, which never touch the disk.
+        "spec": spec.to_json(),
         "image_digest": record.image_digest,
         "layers": list(record.layers),
         "image_config": {**dataclasses.asdict(config), "labels": dict(config.labels)},
@@ -935,7 +1011,7 @@ def _decode(document: dict[str, Any]) -> _Record:
     if created_at is None or document["intent"] not in ("created", "running", "stopped"):
         raise ValueError("no created_at, or an unknown intent")
     return _Record(
-        spec=ContainerSpec(**document["spec"]),
+        spec=ContainerSpec.from_json(document["spec"]),
         image_digest=document["image_digest"],
         layers=tuple(document["layers"]),
         image_config=image_config,
