@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 import httpx
 import pydantic
 
 from devyard.client import ApiError, AsyncClient, TransportError
+from devyard.runner.atomic_file import write_atomically
 from devyard.runner.backoff import Backoff, BackoffPolicy
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.errors import CredentialError
@@ -53,18 +52,7 @@ def save(path: Path, credential: RunnerCredential, *, server: str) -> None:
 
 
 def _write_private(path: Path, document: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        os.fchmod(descriptor, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(document, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_atomically(path, json.dumps(document).encode(), mode=0o600)
 
 
 def _pending_path(path: Path) -> Path:

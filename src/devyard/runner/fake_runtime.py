@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from devyard.runner.atomic_file import write_atomically
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError, TemporaryError
 from devyard.runner.host_process import HostProcess, start_host_process
@@ -112,6 +113,8 @@ class FakeRuntime:
         self._scratch_is_temporary = False
         #: Environment id -> when its create began, while it runs.
         self._creating: dict[str, float] = {}
+        #: Image reference -> its labels, as ``image_labels`` answers (none for images not here).
+        self.labels_of_images: dict[str, dict[str, str]] = {}
         #: How many times each operation was called; for benchmarks, not for assertions on call order.
         self.calls: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
         if state_file is not None and state_file.exists():
@@ -207,6 +210,14 @@ class FakeRuntime:
         if current.state is not ContainerState.RUNNING:
             raise ContainerNotRunning(f"container of {environment_id} is {current.state}, not running")
         return ExecResult(exit_code=0, stdout=(shlex.join(argv) + "\n").encode())
+
+    async def image_labels(
+        self, environment_id: str, image: str, *, credentials: Mapping[str, tuple[str, str]] | None = None
+    ) -> Mapping[str, str]:
+        if image not in self._images:
+            await self._operation("pull")
+            self._images.add(image)
+        return dict(self.labels_of_images.get(image, {}))
 
     def workspace(self, environment_id: str) -> Path:
         directory = self._scratch(environment_id) / "workspace"
@@ -323,16 +334,7 @@ class FakeRuntime:
             "images": sorted(self._images),
             "containers": [_encode(status) for status in self._containers.values()],
         }
-        directory = self._state_file.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".fake-runtime-", suffix=".json")
-        try:
-            with os.fdopen(descriptor, "w") as file:
-                json.dump(document, file)
-            os.replace(temporary, self._state_file)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        write_atomically(self._state_file, json.dumps(document).encode())
 
     def _load(self, path: Path) -> None:
         try:

@@ -269,6 +269,13 @@ class Runtime(Protocol):
         Raises ``errors.ContainerNotRunning`` when the container is not running."""
         ...
 
+    async def image_labels(
+        self, environment_id: str, image: str, *, credentials: Mapping[str, tuple[str, str]] | None = None
+    ) -> Mapping[str, str]:
+        """The labels of ``image`` (its ``devcontainer.metadata`` among them), pulling it now if this host does not
+        have it, held for the environment as ``create`` would; ``create`` then finds it here."""
+        ...
+
     def workspace(self, environment_id: str) -> Path:
         """The host directory of the environment's workspace (made if missing, kept across stop and start,
         removed by ``delete``), where the runner puts its content before ``create``; a ``Mount`` of kind

@@ -53,6 +53,10 @@ class RunnerSettings(BaseSettings):
     #: Backoff of reconnecting to a server that went away.
     reconnect_base: float = Field(default=0.5, gt=0)
     reconnect_max: float = Field(default=30.0, gt=0)
+    #: A desktop runner serves one person on their own machine (``devyard up``): content may be a local folder or
+    #: a ``file://`` repository, and devcontainer.json's ``initializeCommand`` runs on the host. A shared runner
+    #: (the default) refuses all three: the host is not the user's.
+    desktop: bool = False
     #: The image of environments whose spec names none.
     default_image: str = "mcr.microsoft.com/devcontainers/base:ubuntu"
     log_level: str = "INFO"

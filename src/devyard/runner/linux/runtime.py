@@ -47,13 +47,13 @@ import builtins
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import os
 import re
 import shutil
 import signal
 import stat
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +61,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from devyard.runner.atomic_file import write_atomically
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError, TemporaryError
 from devyard.runner.host_process import HostProcess, start_host_process
 from devyard.runner.images.image import ImageConfig, ImageSource, Progress
@@ -180,6 +181,34 @@ class LinuxRuntime:
                 raise
             finally:
                 self._creating.pop(environment_id, None)
+
+    async def image_labels(
+        self, environment_id: str, image: str, *, credentials: Mapping[str, tuple[str, str]] | None = None
+    ) -> Mapping[str, str]:
+        environment_id = _checked(environment_id)
+        self._creating[environment_id] = f"getting the image {image}"
+        try:
+            prepared = await self.images.prepare(
+                image,
+                holder=environment_id,
+                progress=functools.partial(self._report_progress, environment_id),
+                credentials=credentials,
+            )
+        finally:
+            self._creating.pop(environment_id, None)
+        return prepared.image.config.labels
+
+    def _report_progress(self, environment_id: str, progress: Progress) -> None:
+        if progress.step == "fetch":
+            done, total = progress.fetched / 1e6, progress.total / 1e6
+            line = f"pulling {progress.reference}: {done:.1f} of {total:.1f} MB"
+        elif progress.step == "unpack":
+            line = f"unpacking {progress.reference}: {progress.layers_done} of {progress.layers_total} layers"
+        elif progress.step == "bootstrap":
+            line = f"building {progress.reference} from Debian's mirror (the first time only; a minute or two)"
+        else:
+            line = f"getting the image {progress.reference} ({progress.step})"
+        self._creating[environment_id] = line
 
     def workspace(self, environment_id: str) -> Path:
         directory = self._directory(_checked(environment_id))
@@ -389,20 +418,11 @@ class LinuxRuntime:
     async def _create(self, spec: ContainerSpec) -> ContainerStatus:
         environment_id = spec.environment_id
 
-        def report(progress: Progress) -> None:
-            if progress.step == "fetch":
-                done, total = progress.fetched / 1e6, progress.total / 1e6
-                line = f"pulling {progress.reference}: {done:.1f} of {total:.1f} MB"
-            elif progress.step == "unpack":
-                line = f"unpacking {progress.reference}: {progress.layers_done} of {progress.layers_total} layers"
-            elif progress.step == "bootstrap":
-                line = f"building {progress.reference} from Debian's mirror (the first time only; a minute or two)"
-            else:
-                line = f"getting the image {progress.reference} ({progress.step})"
-            self._creating[environment_id] = line
-
         prepared = await self.images.prepare(
-            spec.image, holder=environment_id, progress=report, credentials=spec.registry_credentials
+            spec.image,
+            holder=environment_id,
+            progress=functools.partial(self._report_progress, environment_id),
+            credentials=spec.registry_credentials,
         )
         self._creating[environment_id] = "creating the container"
         started = time.monotonic()
@@ -436,8 +456,8 @@ class LinuxRuntime:
         # Without a network these stay; with one, _attach_network rewrites them in place (they are bound by inode).
         resolv_conf = "# no network: this environment has loopback only\n"
         hosts = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
-        _write_atomically(directory / "resolv.conf", resolv_conf.encode(), mode=0o644)
-        _write_atomically(directory / "hosts", hosts.encode(), mode=0o644)
+        write_atomically(directory / "resolv.conf", resolv_conf.encode(), mode=0o644)
+        write_atomically(directory / "hosts", hosts.encode(), mode=0o644)
         config = record.image_config
         spec = record.spec
         args = KEEP_ALIVE if spec.override_command else init_process(config)
@@ -479,7 +499,7 @@ class LinuxRuntime:
             capabilities=capabilities,
             annotations={"devyard.io/environment": environment_id},
         )
-        _write_atomically(directory / "config.json", json.dumps(document, indent=1).encode(), mode=0o600)
+        write_atomically(directory / "config.json", json.dumps(document, indent=1).encode(), mode=0o600)
         info = await self.runc.state(environment_id)
         if info is not None and info.status == "stopped":
             await self.runc.delete(environment_id, force=True)
@@ -530,7 +550,7 @@ class LinuxRuntime:
             for parent, directories, files in os.walk(workspace):
                 for name in (*directories, *files):
                     os.lchown(os.path.join(parent, name), uid, gid)
-        _write_atomically(marker, f"{uid}:{gid}\n".encode(), mode=0o644)
+        write_atomically(marker, f"{uid}:{gid}\n".encode(), mode=0o644)
 
     async def _attach_network(self, environment_id: str, hostname: str, pid: int) -> None:
         """Hand the network the container's own namespace and wire it; idempotent.
@@ -679,7 +699,7 @@ class LinuxRuntime:
 
     def _write_record(self, record: _Record) -> _Record:
         path = self._directory(record.spec.environment_id) / "record.json"
-        _write_atomically(path, json.dumps(_encode(record), indent=1).encode(), mode=0o600)
+        write_atomically(path, json.dumps(_encode(record), indent=1).encode(), mode=0o600)
         return record
 
     async def _status(self, record: _Record, info: ContainerInfo | None = None) -> ContainerStatus:
@@ -943,21 +963,6 @@ def _merge_env(image_env: Sequence[str], spec_env: Mapping[str, str], hostname: 
 
 
 # Records.
-
-
-def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 def _now() -> datetime:
