@@ -6,7 +6,7 @@ from pydantic import Field
 
 from devyard.wire.meta import Condition, MetadataWrite, ReadModel, Resource, WriteModel
 
-__all__ = ["SSHKey", "SSHKeyCreate", "SSHKeySpec", "SSHKeyStatus"]
+__all__ = ["AuthorizedKey", "AuthorizedKeys", "SSHKey", "SSHKeyCreate", "SSHKeySpec", "SSHKeyStatus"]
 
 
 class SSHKeySpec(WriteModel):
@@ -26,3 +26,19 @@ class SSHKey(Resource[SSHKeySpec, SSHKeyStatus]):
 class SSHKeyCreate(WriteModel):
     metadata: MetadataWrite = Field(default_factory=MetadataWrite)
     spec: SSHKeySpec
+
+
+class AuthorizedKey(ReadModel):
+    """A public key that may open SSH sessions in one environment, and whose it is."""
+
+    user_id: str
+    fingerprint: str
+    public_key: str
+
+
+class AuthorizedKeys(ReadModel):
+    """``GET /api/v1/environments/{id}/authorized-keys``: what the runner's SSH gateway accepts for that
+    environment (today the keys of its owner), for the runner the environment is assigned to only."""
+
+    environment_id: str
+    keys: list[AuthorizedKey] = Field(default_factory=list)

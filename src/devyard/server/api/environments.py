@@ -11,7 +11,7 @@ from devyard.server import policy
 from devyard.server.api.context import Context, context
 from devyard.server.api.lists import ListParams, list_params, list_response, narrow
 from devyard.server.api.responses import ERRORS, JSONResponse, resource
-from devyard.server.store import access, environments, secrets
+from devyard.server.store import access, environments, secrets, ssh_keys
 from devyard.wire.access import EnvironmentAccess
 from devyard.wire.environments import (
     DesiredPhase,
@@ -23,6 +23,7 @@ from devyard.wire.environments import (
 )
 from devyard.wire.meta import ListResponse
 from devyard.wire.secrets import SecretValue
+from devyard.wire.ssh_keys import AuthorizedKeys
 
 router = APIRouter(prefix="/api/v1/environments", tags=["environments"], responses=ERRORS)
 KIND = "Environment"
@@ -105,6 +106,17 @@ async def environment_secrets(environment_id: str, ctx: Context = Depends(contex
         environments.require_owning_runner(ctx.principal, row)
         values = await secrets.values_for_environment(session, row, ctx.state.secrets)
     return JSONResponse(values)
+
+
+@router.get("/{environment_id}/authorized-keys", response_model=AuthorizedKeys)
+async def environment_authorized_keys(environment_id: str, ctx: Context = Depends(context)) -> Any:
+    """The SSH public keys that may enter the environment, for the runner it is assigned to only (its gateway
+    asks on every connection)."""
+    async with ctx.state.database.read() as session:
+        row = await policy.visible(session, ctx.principal, KIND, environment_id)
+        environments.require_owning_runner(ctx.principal, row)
+        answer = await ssh_keys.authorized_for_environment(session, row)
+    return JSONResponse(answer.model_dump(mode="json"))
 
 
 @router.post("/{environment_id}/access", response_model=EnvironmentAccess)

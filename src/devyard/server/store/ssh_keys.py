@@ -15,9 +15,9 @@ from devyard.server.auth import Principal
 from devyard.server.database.tables import ResourceRow
 from devyard.server.store import resources
 from devyard.server.store.errors import Conflict, Invalid
-from devyard.wire.ssh_keys import SSHKeyCreate
+from devyard.wire.ssh_keys import AuthorizedKey, AuthorizedKeys, SSHKeyCreate
 
-__all__ = ["KEY_TYPES", "create", "delete", "parse_public_key", "runner_may_read_keys_of"]
+__all__ = ["KEY_TYPES", "authorized_for_environment", "create", "delete", "parse_public_key", "runner_may_read_keys_of"]
 
 KIND = "SSHKey"
 KEY_TYPES = frozenset(
@@ -92,3 +92,22 @@ async def runner_may_read_keys_of(session: AsyncSession, runner_id: str, user_id
         .limit(1)
     )
     return found is not None
+
+
+async def authorized_for_environment(session: AsyncSession, environment: ResourceRow) -> AuthorizedKeys:
+    """The keys that open SSH sessions in ``environment``: its owner's (and, once environments are shared, those
+    of the users it is shared with). The caller checked that the runner asking holds the environment."""
+    rows = await session.scalars(
+        select(ResourceRow)
+        .where(ResourceRow.kind == KIND, ResourceRow.user_id == environment.creator_id)
+        .order_by(ResourceRow.id)
+    )
+    keys = [
+        AuthorizedKey(
+            user_id=str(row.creator_id),
+            fingerprint=str(row.status.get("fingerprint", "")),
+            public_key=row.spec["public_key"],
+        )
+        for row in rows
+    ]
+    return AuthorizedKeys(environment_id=environment.id, keys=keys)
