@@ -7,6 +7,7 @@ from datetime import datetime
 
 from pydantic import Field, model_validator
 
+from devyard.wire import git_context
 from devyard.wire.meta import Condition, MetadataPatch, MetadataWrite, ReadModel, Resource, WriteModel
 
 __all__ = [
@@ -61,8 +62,26 @@ class PortProtocol(enum.StrEnum):
 
 
 class GitContent(WriteModel):
+    """A repository to clone: ``url`` as git takes it (``git_context.parse_git_context`` reads what people paste),
+    ``ref`` a branch, tag or commit (default: the remote's default branch)."""
+
     url: str = Field(min_length=1, max_length=2048)
     ref: str | None = Field(default=None, max_length=255)
+    #: A shallow clone of this many commits; None clones the whole history.
+    depth: int | None = Field(default=None, ge=1, le=1_000_000)
+    #: A partial clone: ``blob:none`` fetches file contents on demand, ``tree:0`` trees too,
+    #: ``blob:limit=SIZE`` (``1m``, ``500k``) leaves out the larger files.
+    filter: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> GitContent:
+        # Only what is never acceptable; the runner checks the rest (a file:// URL is fine on a desktop runner).
+        git_context.check_url_is_safe(self.url)
+        if self.ref is not None:
+            git_context.check_ref(self.ref)
+        if self.filter is not None:
+            git_context.check_partial_clone_filter(self.filter)
+        return self
 
 
 class ContentSpec(WriteModel):
