@@ -22,7 +22,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import devyard
 from devyard.server import bootstrap, loops
-from devyard.server.api import audit, catalog, environments, organizations, runners, secrets, ssh_keys, tokens
+from devyard.server.api import (
+    audit,
+    catalog,
+    environments,
+    logs,
+    organizations,
+    runners,
+    secrets,
+    ssh_keys,
+    tokens,
+)
 from devyard.server.api.context import error_response, install_error_handlers
 from devyard.server.api.responses import JSONResponse
 from devyard.server.database import migrate
@@ -77,7 +87,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app.add_middleware(_RequestGuard, max_body_bytes=settings.max_body_bytes)
 
-    for module in (organizations, tokens, runners, catalog, environments, secrets, ssh_keys, audit):
+    for module in (organizations, tokens, runners, catalog, environments, logs, secrets, ssh_keys, audit):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])

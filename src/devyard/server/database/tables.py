@@ -34,6 +34,7 @@ __all__ = [
     "Base",
     "ChangeRow",
     "CredentialRow",
+    "EnvironmentLogRow",
     "LabelRow",
     "LeaseRow",
     "ResourceRow",
@@ -218,3 +219,32 @@ class ServerFactRow(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(255))
+
+
+class EnvironmentLogRow(Base):
+    """A chunk of an environment's log stream as its runner shipped it (``store.logs``); goes with the environment.
+
+    ``seq`` orders an environment's chunks as they were received. ``retained`` is the running total of bytes
+    stored for the stream up to and including this chunk: retention deletes the chunks a fixed amount behind the
+    newest without summing. The unique key makes a retried chunk a duplicate even when two requests race.
+    """
+
+    __tablename__ = "environment_logs"
+
+    # INTEGER on SQLite: only that is an alias of its rowid, and so numbered by the database.
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    environment_id: Mapped[str] = mapped_column(ID, ForeignKey("resources.id", ondelete="CASCADE"))
+    stream: Mapped[str] = mapped_column(String(200))
+    epoch: Mapped[int] = mapped_column(Integer)
+    byte_offset: Mapped[int] = mapped_column(BigInteger)
+    #: The bytes of the runner's file this chunk covers.
+    size: Mapped[int] = mapped_column(Integer)
+    retained: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime]
+
+    __table_args__ = (
+        UniqueConstraint("environment_id", "stream", "epoch", "byte_offset"),
+        Index(None, "environment_id", "seq"),
+        Index(None, "environment_id", "stream", "seq"),
+    )
