@@ -175,11 +175,11 @@ class LogShipper:
             stream = environment.streams.setdefault(piece.stream, _Stream())
             stream.epoch, stream.offset, stream.inode = piece.epoch, piece.offset + len(piece.raw), piece.inode
         for position in (answer or {}).get("positions", []):
-            stream = environment.streams.get(position["stream"])
-            if stream is not None and position["epoch"] > stream.epoch:
+            known = environment.streams.get(position["stream"])
+            if known is not None and position["epoch"] > known.epoch:
                 # The server has a newer epoch than this runner remembers (its state file was lost): go on
                 # from where the server stands rather than have every chunk refused as old.
-                stream.epoch, stream.offset = position["epoch"], position["end"]
+                known.epoch, known.offset = position["epoch"], position["end"]
         return True
 
     def _environment_ids(self) -> set[str]:
