@@ -135,6 +135,25 @@ def _commit(work: Path, name: str, text: str) -> str:
     return git("rev-parse", "HEAD", cwd=work)
 
 
+def publish(server: GitServer, name: str, files: dict[str, str], *, executable: tuple[str, ...] = ()) -> str:
+    """Serve a new repository ``name`` holding ``files`` (path: text; ``executable`` ones with mode 755, a
+    text starting ``->`` a symbolic link to the rest); its URL."""
+    work = server.root.parent / "work" / name
+    git("init", "--quiet", "--initial-branch=main", str(work))
+    for path, text in files.items():
+        file = work / path
+        file.parent.mkdir(parents=True, exist_ok=True)
+        if text.startswith("->"):
+            file.symlink_to(text[2:])
+        else:
+            file.write_text(text)
+            file.chmod(0o755 if path in executable else 0o644)
+    git("add", "--all", cwd=work)
+    git("commit", "--quiet", "-m", "dotfiles", cwd=work)
+    _publish(work, server.root, name)
+    return f"{server.url}/{name}"
+
+
 def _publish(work: Path, root: Path, name: str) -> None:
     bare = root / name
     git("clone", "--quiet", "--bare", str(work), str(bare))
