@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import click
 
-from devyard.cli import _render
+from devyard.cli import _render, logs
 from devyard.cli._invocation import Invocation, api_command
 from devyard.cli._param_types import DURATION, KEY_VALUE
 
@@ -379,3 +379,6 @@ def _summary(data: dict[str, Any], template: str) -> RenderableType:
         _render.plain(template.format(id=environment_id)),
         render_environment(data),
     )
+
+
+env.add_command(logs.logs)
