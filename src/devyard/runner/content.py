@@ -11,10 +11,14 @@ image needs no git, and credentials never enter it.
 - A local folder (``local_path``, desktop runners only) is copied, never hard-linked: what the environment
   writes must not change the user's files. ``file://`` URLs are refused on a shared runner as well, and git's
   protocols are limited (``GIT_ALLOW_PROTOCOL``) so a submodule cannot name the host's files either.
-- Credentials reach git through a credential helper that reads a file in a private directory, removed when
-  git is done; the command line and the environment of git's processes name only that file's path. Git runs
-  without the host's system and global configuration, so no credential store of the host keeps them either.
+- Credentials reach git through a credential helper that reads an anonymous in-memory file (memfd) that only
+  git's processes inherit, closed when git is done: nothing on disk, nothing left behind by a kill; the
+  command line and the environment of git's processes name only a descriptor. Git runs without the host's
+  system and global configuration and home, so no credential store or ssh key of the host is used or kept.
   The remote URL in the clone carries no credential.
+- The runner holds git-credential secrets, not ssh keys: ``git@HOST:PATH`` and ``ssh://`` URLs of the
+  repository's host and of hosts with a credential are fetched over HTTPS, and the clone's remote keeps the
+  URL as given.
 - The content is put together in a temporary directory beside the workspace, given to the owner, then renamed
   over the (empty) workspace: a failure or a kill never leaves half a workspace under its name. So a workspace
   that holds anything holds the whole content, and it is left alone: a restart never clobbers the user's work.
@@ -256,49 +260,57 @@ class _UnknownRef(PermanentError):
 
 
 class _GitSession:
-    """Git's commands for one fetch, with the credentials of the fetch's hosts in a private directory that
-    exists only while the session is open."""
+    """Git's commands for one fetch. Each credential is an anonymous in-memory file (memfd) that git's
+    processes inherit and a credential helper reads: nothing on disk to leave behind if the runner is killed,
+    and the command line names only a descriptor. The session must be closed to let the memory go."""
 
     def __init__(self, url: str, ref: str | None, credentials: Sequence[GitCredential], desktop: bool) -> None:
         self._url = url
         self._ref = ref
         self._credentials = credentials
         self._desktop = desktop
-        self._private: Path | None = None
+        self._descriptors: list[int] = []
         self._config: list[str] = []
         self._environment: dict[str, str] = {}
 
     def __enter__(self) -> _GitSession:
-        self._private = Path(tempfile.mkdtemp(prefix="devyard-git-"))  # 0700, the runner's own
-        config = ["safe.directory=*", "advice.detachedHead=false", "credential.helper="]
-        for index, credential in enumerate(self._credentials):
-            secret = self._private / f"credential-{index}"
-            descriptor = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as file:
-                file.write(f"username={credential.username}\npassword={credential.password}\n")
+        config = [
+            "safe.directory=*",
+            "advice.detachedHead=false",
+            "credential.helper=",
+            # A server that stalls is a network failure, not a fetch that hangs the reconcile for ever.
+            "http.lowSpeedLimit=1000",
+            "http.lowSpeedTime=60",
+        ]
+        for credential in self._credentials:
+            descriptor = os.memfd_create("devyard-git-credential", os.MFD_CLOEXEC)
+            self._descriptors.append(descriptor)
+            os.write(descriptor, f"username={credential.username}\npassword={credential.password}\n".encode())
             # Only for its host, so a submodule elsewhere never receives it; the helper answers git's "get" only.
-            helper = f"!f() {{ test \"$1\" = get && cat '{secret}'; }}; f"
+            helper = f'!f() {{ test "$1" != get || cat /dev/fd/{descriptor}; }}; f'
             for scheme in ("https", "http"):
                 config.append(f"credential.{scheme}://{credential.host}.helper={helper}")
+        config += _https_instead_of_ssh(self._url, [credential.host for credential in self._credentials])
         self._config = [argument for setting in config for argument in ("-c", setting)]
         environment = {name: os.environ[name] for name in _PASSED_VARIABLES if name in os.environ}
         environment.setdefault("PATH", _DEFAULT_PATH)
         environment |= {
-            "HOME": str(self._private),
+            # Not the runner's home: its ssh keys and git configuration are no user's to use.
+            "HOME": "/nonexistent",
             "LC_ALL": "C",
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_CONFIG_GLOBAL": os.devnull,
             "GIT_TERMINAL_PROMPT": "0",
-            "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
+            "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=30",
             "GIT_ALLOW_PROTOCOL": "https:http:ssh:git" + (":file" if self._desktop else ""),
         }
         self._environment = environment
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._private is not None:
-            shutil.rmtree(self._private, ignore_errors=True)
-            self._private = None
+        for descriptor in self._descriptors:
+            os.close(descriptor)
+        self._descriptors = []
 
     async def run(self, *arguments: str) -> None:
         """Run ``git ARGUMENTS``; a failure becomes the classified error a user can act on."""
@@ -310,6 +322,7 @@ class _GitSession:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             env=self._environment,
+            pass_fds=self._descriptors,
         )
         try:
             _, errors = await process.communicate()
@@ -356,6 +369,24 @@ class _GitSession:
             if credential.password:
                 output = output.replace(credential.password, "***")
         return re.sub(r"(://)[^/@\s]+@", r"\1", output)
+
+
+def _https_instead_of_ssh(url: str, hosts: Sequence[str]) -> list[str]:
+    """Git settings that fetch over HTTPS what names ssh (``git@HOST:PATH``, ``ssh://git@HOST/PATH``) for the
+    repository's host and the hosts with a credential: the runner has git-credential secrets, no ssh keys. A
+    credential's ``host:port`` is where that host serves HTTPS. The clone keeps the URL as given for its remote,
+    so the user pushes as they asked."""
+    bases = {host.partition(":")[0].lower(): host for host in hosts if not host.startswith("[")}
+    settings = []
+    for name, base in sorted(bases.items()):
+        settings += [f"url.https://{base}/.insteadOf=git@{name}:", f"url.https://{base}/.insteadOf=ssh://git@{name}/"]
+    scp = re.fullmatch(r"(?P<prefix>[^@/:]+@(?P<host>[^:/]+):).*", url)
+    ssh = re.fullmatch(r"(?P<prefix>ssh://(?:[^@/]+@)?(?P<host>[^/:]+)(?::\d+)?/).*", url, flags=re.IGNORECASE)
+    for match in (scp, ssh):
+        if match is not None:
+            base = bases.get(match["host"].lower(), match["host"])
+            settings.append(f"url.https://{base}/.insteadOf={match['prefix']}")
+    return settings
 
 
 def _host_of(url: str) -> str:

@@ -150,6 +150,11 @@ def publish(server: GitServer, name: str, files: dict[str, str], *, executable: 
             file.chmod(0o755 if path in executable else 0o644)
     git("add", "--all", cwd=work)
     git("commit", "--quiet", "-m", "dotfiles", cwd=work)
+    return publish_work(server, work, name)
+
+
+def publish_work(server: GitServer, work: Path, name: str) -> str:
+    """Serve the repository in ``work`` as ``name``; its URL."""
     _publish(work, server.root, name)
     return f"{server.url}/{name}"
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from devyard.runner.errors import PermanentError, TemporaryError
 from devyard.wire.environments import ContentSpec, GitContent
 from devyard.wire.secrets import SecretType, SecretValue
 
-from .conftest import DEEP_BRANCH, PASSWORD, USERNAME, GitServer, git
+from .conftest import DEEP_BRANCH, PASSWORD, USERNAME, GitServer, git, publish_work
 
 HOST_OF = "127.0.0.1"
 
@@ -35,8 +35,14 @@ def names_in(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
 
-def credential_directories() -> set[str]:
-    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("devyard-git-")}
+def credential_memory_files() -> list[str]:
+    """The runner's descriptors of the in-memory files that hold credentials while git runs."""
+    found = []
+    for descriptor in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "devyard-git-credential" in os.readlink(f"/proc/self/fd/{descriptor}"):
+                found.append(descriptor)
+    return found
 
 
 def every_byte_under(directory: Path) -> bytes:
@@ -112,7 +118,6 @@ async def test_submodules_are_fetched(git_server: GitServer, tmp_path: Path) -> 
 
 async def test_a_private_repository_with_its_credential(git_server: GitServer, tmp_path: Path) -> None:
     workspace = tmp_path / "workspace"
-    before = credential_directories()
     fetched = await fetch_content(
         content(f"{git_server.url}/private.git"), workspace, credentials=[credential(git_server)]
     )
@@ -122,7 +127,7 @@ async def test_a_private_repository_with_its_credential(git_server: GitServer, t
     origin = git("-c", "safe.directory=*", "remote", "get-url", "origin", cwd=workspace)
     assert origin == f"{git_server.url}/private.git"
     assert "extraheader" not in git("-c", "safe.directory=*", "config", "--list", "--local", cwd=workspace)
-    assert credential_directories() == before  # the credential's file is gone
+    assert credential_memory_files() == []  # the credential's memory is let go
 
 
 async def test_a_private_repository_with_a_wrong_credential(git_server: GitServer, tmp_path: Path) -> None:
@@ -233,3 +238,23 @@ def test_git_credentials_from_secrets() -> None:
         GitCredential("gitlab.example:8443", "git", "tok2"),
     ]
     assert "tok1" not in repr(git_credentials(secrets))
+
+
+async def test_a_submodule_cannot_name_the_runners_files(git_server: GitServer, tmp_path: Path) -> None:
+    work = tmp_path / "sneaky"
+    git("init", "--quiet", "--initial-branch=main", str(work))
+    git(
+        "-c",
+        "protocol.file.allow=always",
+        "submodule",
+        "--quiet",
+        "add",
+        f"file://{git_server.root}/lib.git",
+        "lib",
+        cwd=work,
+    )
+    git("commit", "--quiet", "-m", "a submodule on the runner's host", cwd=work)
+    url = publish_work(git_server, work, "sneaky.git")
+    with pytest.raises(PermanentError, match="desktop runner only"):
+        await fetch_content(content(url), tmp_path / "workspace")
+    assert names_in(tmp_path) == ["sneaky"]
