@@ -109,7 +109,7 @@ async def fetch_content(
     if _holds_anything(workspace):
         return FetchedContent(await _head(workspace), time.monotonic() - started, fetched=False)
     workspace.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(workspace)
+    await asyncio.to_thread(_remove_leftovers, workspace)
     scratch = Path(tempfile.mkdtemp(dir=workspace.parent, prefix=f".{workspace.name}.fetching-"))
     try:
         target = scratch / "content"
@@ -144,7 +144,8 @@ def _holds_anything(directory: Path) -> bool:
 
 
 def _remove_leftovers(workspace: Path) -> None:
-    """What a runner killed in the middle of a fetch left beside the workspace."""
+    """What a runner killed in the middle of a fetch left beside the workspace (one fetch per workspace runs at
+    a time: the reconciler runs one reconcile per environment)."""
     for leftover in workspace.parent.glob(f".{workspace.name}.fetching-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
@@ -204,6 +205,8 @@ async def _clone(git: GitContent, target: Path, credentials: Sequence[GitCredent
             await session.run("clone", "--no-hardlinks", *options, "--", url, str(target))
         elif _FULL_SHA.fullmatch(ref.lower()):
             await _clone_commit(session, url, ref.lower(), target, git)
+        elif ref.startswith("refs/"):  # a full ref name, such as a merge request's: clone --branch takes none
+            await _clone_commit(session, url, ref, target, git)
         else:
             try:
                 await session.run("clone", "--no-hardlinks", *options, f"--branch={ref}", "--", url, str(target))
@@ -221,6 +224,8 @@ async def _clone(git: GitContent, target: Path, credentials: Sequence[GitCredent
 
 
 async def _clone_commit(session: _GitSession, url: str, sha: str, target: Path, git: GitContent) -> None:
+    """Check out a commit (or a full ref name): from a whole clone when it is on a branch, else fetched by
+    name, which is also how a shallow clone gets it."""
     partial = [f"--filter={git.filter}"] if git.filter else []
     if git.depth is None:
         await session.run("clone", "--no-hardlinks", "--no-checkout", *partial, "--", url, str(target))
@@ -415,6 +420,7 @@ _AUTHENTICATION_FAILED: Final = (
     "the requested url returned error: 401",
     "the requested url returned error: 403",
     "permission denied (publickey",
+    "host key verification failed",
 )
 _UNKNOWN_REF: Final = (
     "not found in upstream origin",
@@ -440,6 +446,7 @@ _UNREACHABLE: Final = (
     "connection refused",
     "connection timed out",
     "timed out",
+    "operation too slow",
     "connection reset",
     "network is unreachable",
     "no route to host",

@@ -88,6 +88,13 @@ async def test_clone_a_commit(git_server: GitServer, tmp_path: Path, depth: int 
     assert commits == "1"
 
 
+@pytest.mark.parametrize("depth", [None, 1], ids=["full", "shallow"])
+async def test_clone_a_full_ref_name(git_server: GitServer, tmp_path: Path, depth: int | None) -> None:
+    spec = content(f"{git_server.url}/app.git", f"refs/heads/{DEEP_BRANCH}", depth=depth)
+    fetched = await fetch_content(spec, tmp_path / "workspace")
+    assert fetched.commit == git_server.branch
+
+
 async def test_clone_an_abbreviated_commit(git_server: GitServer, tmp_path: Path) -> None:
     fetched = await fetch_content(content(f"{git_server.url}/app.git", git_server.tag[:10]), tmp_path / "w")
     assert fetched.commit == git_server.tag
