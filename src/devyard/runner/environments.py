@@ -24,21 +24,30 @@ retry with backoff.
 
 Spec changes other than ``desired_phase`` (image, env) take effect when the container is next created; a
 rebuild (delete, then create) is not this reconciler's to decide.
+
+With ``dev_containers`` (the agent always gives one), an environment with content gets it fetched, its dev
+container resolved and its image built or pulled before the container is made (``dev_container``), and its
+lifecycle hooks run after each start (``lifecycle``), in a task of their own: the environment is ``starting``
+until the hooks up to devcontainer.json's ``waitFor`` ran, then ``running``; the Hooks condition says whether
+the rest ran. A hook that fails up to ``waitFor`` makes the environment ``failed`` (its container keeps running,
+so that the user can look inside); one that fails later leaves it ``running`` with the Hooks condition False.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from pydantic import TypeAdapter
 
 from devyard.client import ApiError, AsyncClient, TransportError
+from devyard.runner import lifecycle
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.controller import Result
+from devyard.runner.dev_container import DevContainers
 from devyard.runner.errors import PermanentError, TemporaryError
 from devyard.runner.informer import Informer
 from devyard.runner.runtime import ContainerSpec, ContainerStatus, Runtime
@@ -54,14 +63,16 @@ from devyard.wire.meta import Condition, ConditionStatus
 from devyard.wire.organizations import Organization
 from devyard.wire.secrets import SecretType, SecretValue
 
-__all__ = ["READY", "EnvironmentReconciler"]
+__all__ = ["HOOKS", "READY", "EnvironmentReconciler"]
 
 log = logging.getLogger(__name__)
 
 #: The condition this reconciler owns: True while the environment runs.
 READY: Final = "Ready"
+#: True once every lifecycle hook of the dev container ran for this start; False while they run or if one failed.
+HOOKS: Final = "Hooks"
 #: The timings this reconciler measures; the rest of ``status.timings`` belongs to the server.
-_START_STEPS: Final = ("pull", "unpack", "create", "start")
+_START_STEPS: Final = ("content", "build", "pull", "unpack", "create", "start", "hooks")
 #: A start step that takes longer than this has its phase reported while it runs.
 _QUIET_STEP_SECONDS: Final = 0.2
 #: An organization's default image is read again after this long.
@@ -87,12 +98,20 @@ class EnvironmentReconciler:
         informer: Informer[Environment],
         default_image: str,
         clock: Clock | None = None,
+        dev_containers: DevContainers | None = None,
+        requeue: Callable[[str], None] | None = None,
     ) -> None:
         self._client = client
         self._runtime = runtime
         self._informer = informer
         self._default_image = default_image
         self._clock = clock or SystemClock()
+        self._dev_containers = dev_containers
+        #: Queues a reconcile of the key (the agent's work queue): how a finished hooks task asks to be looked at.
+        self._requeue = requeue or (lambda key: None)
+        #: Environment id -> the task running its lifecycle hooks, and the hook it is at.
+        self._hooks: dict[str, asyncio.Task[lifecycle.Outcome]] = {}
+        self._hook_at: dict[str, str] = {}
         #: Environment class id -> (cpu, memory MiB, disk GiB), or None when the runner may not read it.
         self._classes: dict[str, tuple[float, int, int] | None] = {}
         #: Organization id -> (when read, its default image).
@@ -131,9 +150,12 @@ class EnvironmentReconciler:
         status = environment.status
 
         if desired is DesiredPhase.DELETED:
+            await self._cancel_hooks(key)
             if container is not None:
                 await self._report(key, EnvironmentPhase.DELETING)
                 await self._runtime.delete(key)
+            if self._dev_containers is not None:
+                self._dev_containers.remove(key)
             await self._report(key, EnvironmentPhase.DELETED)
             return Result()
 
@@ -142,6 +164,7 @@ class EnvironmentReconciler:
             return Result()  # failed at this generation; a spec change will try again
 
         if desired is DesiredPhase.STOPPED:
+            await self._cancel_hooks(key)
             if container is not None and container.running:
                 await self._report(key, EnvironmentPhase.STOPPING)
                 await self._runtime.stop(key)
@@ -151,18 +174,96 @@ class EnvironmentReconciler:
         timings: dict[str, float] = {}
         drop: tuple[str, ...] = ()
         if container is None:
-            spec = await self._container_spec(environment)
             started = self._clock.now()
-            container = await self._step(key, EnvironmentPhase.CREATING, self._runtime.create(spec))
-            timings.update(container.timings or {"create": self._clock.now() - started})
+            made, before_create = await self._step(key, EnvironmentPhase.CREATING, self._make(environment))
+            timings.update(before_create)
+            timings.update(made.timings or {"create": self._clock.now() - started})
+            container = made
             drop = _START_STEPS
         if not container.running:
             started = self._clock.now()
-            await self._step(key, EnvironmentPhase.STARTING, self._runtime.start(key))
+            container = await self._step(key, EnvironmentPhase.STARTING, self._runtime.start(key))
             timings["start"] = self._clock.now() - started
-            drop = drop or ("start",)
-        await self._report(key, EnvironmentPhase.RUNNING, timings=timings, drop_timings=drop)
+            drop = drop or ("start", "hooks")
+        return await self._after_start(environment, container, timings, drop)
+
+    async def _make(self, environment: Environment) -> tuple[ContainerStatus, dict[str, float]]:
+        """Fetch, resolve and create: the container, and the seconds spent before ``create``."""
+        spec, secrets = await self._container_spec(environment)
+        timings: dict[str, float] = {}
+        if self._dev_containers is not None:
+            prepared = await self._dev_containers.prepare(environment, spec, secrets)
+            spec = prepared.spec
+            timings.update(prepared.timings)
+        return await self._runtime.create(spec), timings
+
+    async def _after_start(
+        self, environment: Environment, container: ContainerStatus, timings: dict[str, float], drop: tuple[str, ...]
+    ) -> Result:
+        """Running, once the hooks up to ``waitFor`` ran; the rest run on in their task."""
+        key = environment.metadata.id
+        plan = self._dev_containers.plan(key) if self._dev_containers is not None else None
+        if plan is None or not plan.commands:
+            await self._report(key, EnvironmentPhase.RUNNING, timings=timings, drop_timings=drop)
+            return Result()
+        assert self._dev_containers is not None
+        outcome = lifecycle.pending(self._dev_containers.directory(key), plan, container)
+        task = self._hooks.get(key)
+        if task is not None and task.done():
+            del self._hooks[key]
+            self._hook_at.pop(key, None)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("the hooks of %s failed to run: %s", key, task.exception())
+                raise TemporaryError(f"running the lifecycle hooks: {task.exception()}")
+            task = None
+        if outcome.remaining and task is None:
+            task = self._hooks[key] = asyncio.create_task(self._run_hooks(key, plan, container), name=f"hooks-{key}")
+        if outcome.failed_hook is not None:
+            hooks = (ConditionStatus.FALSE, "HookFailed", outcome.message)
+        elif outcome.remaining:
+            at = self._hook_at.get(key, outcome.remaining[0])
+            hooks = (ConditionStatus.FALSE, "Running", f"running {at}")
+        else:
+            hooks = (ConditionStatus.TRUE, "Done", "")
+        if not outcome.ready(plan.wait_for):
+            if outcome.failed_hook is not None:
+                raise PermanentError(f"{outcome.message}; see `devyard env logs {key} --stream lifecycle`")
+            await self._report(
+                key, EnvironmentPhase.STARTING, message=hooks[2], timings=timings, drop_timings=drop, hooks=hooks
+            )
+            return Result()
+        await self._report(key, EnvironmentPhase.RUNNING, timings=timings, drop_timings=drop, hooks=hooks)
         return Result()
+
+    async def _run_hooks(
+        self, key: str, plan: lifecycle.LifecyclePlan, container: ContainerStatus
+    ) -> lifecycle.Outcome:
+        assert self._dev_containers is not None
+        started = self._clock.now()
+
+        def at(hook: str) -> None:
+            self._hook_at[key] = hook
+            self._requeue(key)
+
+        try:
+            return await lifecycle.run(
+                self._runtime,
+                self._dev_containers.directory(key),
+                plan,
+                container,
+                log_path=self._dev_containers.logs(key) / "lifecycle.log",
+                on_hook=at,
+            )
+        finally:
+            log.info("hooks of %s: %.1f s", key, self._clock.now() - started)
+            self._requeue(key)
+
+    async def _cancel_hooks(self, key: str) -> None:
+        task = self._hooks.pop(key, None)
+        self._hook_at.pop(key, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
 
     async def _step(self, key: str, phase: EnvironmentPhase, work: Awaitable[T]) -> T:
         """Do a step of a start; report its phase only if it takes a while. A fast start then costs one status
@@ -184,18 +285,20 @@ class EnvironmentReconciler:
             raise
         return await task
 
-    async def _container_spec(self, environment: Environment) -> ContainerSpec:
+    async def _container_spec(self, environment: Environment) -> tuple[ContainerSpec, list[SecretValue]]:
+        """The container spec from the environment's spec alone, and the environment's secrets."""
         metadata = environment.metadata
         spec = environment.spec
         cpu, memory_mib, disk_gib = await self._class_limits(spec.class_id) or (None, None, None)
-        env, registry_credentials = await self._secrets(metadata.id)
+        secrets = await self._secrets(metadata.id)
+        env, registry_credentials = _container_secrets(secrets)
         env.update(spec.env)
         labels = {
             f"{_LABEL_PREFIX}environment": metadata.id,
             f"{_LABEL_PREFIX}name": metadata.name,
             f"{_LABEL_PREFIX}organization": metadata.organization_id or "",
         }
-        return ContainerSpec(
+        container = ContainerSpec(
             environment_id=metadata.id,
             image=spec.image or await self._organization_image(metadata.organization_id) or self._default_image,
             env=env,
@@ -206,6 +309,7 @@ class EnvironmentReconciler:
             generation=metadata.generation,
             registry_credentials=registry_credentials,
         )
+        return container, secrets
 
     async def _organization_image(self, organization_id: str | None) -> str | None:
         """The organization's default image (its policy's ``default_image``), read at most every
@@ -225,19 +329,9 @@ class EnvironmentReconciler:
         self._organizations[organization_id] = (self._clock.now(), image)
         return image
 
-    async def _secrets(self, key: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
-        """The environment's secrets the container needs at creation: environment variables, and registry
-        credentials by host. (Files and git credentials are the content's business.)"""
+    async def _secrets(self, key: str) -> list[SecretValue]:
         answer = await self._read(f"/api/v1/environments/{key}/secrets", f"the secrets of {key}")
-        env: dict[str, str] = {}
-        registries: dict[str, tuple[str, str]] = {}
-        for secret in TypeAdapter(list[SecretValue]).validate_python(answer):
-            if secret.type is SecretType.ENVIRONMENT_VARIABLE:
-                env[secret.target] = secret.value
-            elif secret.type is SecretType.REGISTRY_CREDENTIAL:
-                username, _, password = secret.value.partition(":")
-                registries[secret.target] = (username, password)
-        return env, registries
+        return TypeAdapter(list[SecretValue]).validate_python(answer)
 
     async def _class_limits(self, class_id: str | None) -> tuple[float, int, int] | None:
         if class_id is None:
@@ -279,13 +373,14 @@ class EnvironmentReconciler:
         message: str = "",
         timings: dict[str, float] | None = None,
         drop_timings: tuple[str, ...] = (),
+        hooks: tuple[ConditionStatus, str, str] | None = None,
     ) -> None:
         """Write the status for ``phase`` unless the server already has it."""
         environment = self._informer.get(key)
         if environment is None:
             return  # gone meanwhile; the next reconcile removes what is left
         current = environment.status
-        wanted = _next_status(environment, phase, message, timings or {}, drop_timings)
+        wanted = _next_status(environment, phase, message, timings or {}, drop_timings, hooks)
         if wanted == current:
             return
         body = EnvironmentStatusWrite(status=wanted).model_dump(mode="json", exclude_none=False)
@@ -309,33 +404,50 @@ class EnvironmentReconciler:
             self._informer.update(environment.model_copy(update={"status": wanted}))
 
 
+def _container_secrets(secrets: list[SecretValue]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """What the container needs of the secrets at creation: environment variables, and registry credentials by
+    host. (Git credentials are the content's business.)"""
+    env: dict[str, str] = {}
+    registries: dict[str, tuple[str, str]] = {}
+    for secret in secrets:
+        if secret.type is SecretType.ENVIRONMENT_VARIABLE:
+            env[secret.target] = secret.value
+        elif secret.type is SecretType.REGISTRY_CREDENTIAL:
+            username, _, password = secret.value.partition(":")
+            registries[secret.target] = (username, password)
+    return env, registries
+
+
+def _with_condition(
+    conditions: list[Condition], kind: str, status: ConditionStatus, reason: str, message: str, generation: int
+) -> list[Condition]:
+    """``conditions`` with the one of type ``kind`` set, in place: reordering the server's list would look like a
+    change, and write again and again; its transition time kept unless its status changes."""
+    condition = Condition(type=kind, status=status, reason=reason, message=message, observed_generation=generation)
+    previous = next((c for c in conditions if c.type == kind), None)
+    if previous is not None and previous.status == condition.status:
+        condition = condition.model_copy(update={"last_transition_time": previous.last_transition_time})
+    else:
+        condition = condition.model_copy(update={"last_transition_time": datetime.now(UTC)})
+    if previous is None:
+        return [*conditions, condition]
+    return [condition if c.type == kind else c for c in conditions]
+
+
 def _next_status(
     environment: Environment,
     phase: EnvironmentPhase,
     message: str,
     timings: dict[str, float],
     drop_timings: tuple[str, ...],
+    hooks: tuple[ConditionStatus, str, str] | None = None,
 ) -> EnvironmentStatus:
     current = environment.status
     generation = environment.metadata.generation
-    ready = phase is EnvironmentPhase.RUNNING
-    condition = Condition(
-        type=READY,
-        status=ConditionStatus.TRUE if ready else ConditionStatus.FALSE,
-        reason=phase.value.capitalize(),
-        message=message,
-        observed_generation=generation,
-    )
-    previous = next((c for c in current.conditions if c.type == READY), None)
-    if previous is not None and previous.status == condition.status:
-        condition = condition.model_copy(update={"last_transition_time": previous.last_transition_time})
-    else:
-        condition = condition.model_copy(update={"last_transition_time": datetime.now(UTC)})
-    # Replace in place: reordering the server's list would look like a change, and write again and again.
-    if previous is None:
-        conditions = [*current.conditions, condition]
-    else:
-        conditions = [condition if c.type == READY else c for c in current.conditions]
+    ready = ConditionStatus.TRUE if phase is EnvironmentPhase.RUNNING else ConditionStatus.FALSE
+    conditions = _with_condition(list(current.conditions), READY, ready, phase.value.capitalize(), message, generation)
+    if hooks is not None:
+        conditions = _with_condition(conditions, HOOKS, *hooks, generation)
     merged = {k: v for k, v in current.timings.items() if k not in drop_timings}
     merged.update({k: round(v, 3) for k, v in timings.items()})
     return current.model_copy(

@@ -105,7 +105,8 @@ class ContainerSpec:
     remote_user: str | None = None
     remote_env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
-    #: The user (as in ``user``) the workspace's files are given to once, when the container is made.
+    #: The user (as in ``user``) the workspace's files are given to once, when the container is made; None: the
+    #: remote user, else the user of PID 1.
     workspace_owner: str | None = None
 
     def to_json(self) -> dict[str, Any]:

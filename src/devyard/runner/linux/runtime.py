@@ -470,8 +470,9 @@ class LinuxRuntime:
             (uid, gid), additional_gids = _resolve_user(rootfs, user)
         env = _merge_env(config.env, spec.env, hostname)
         binds, tmpfs = self._mounts(record)
-        if spec.workspace_owner:
-            self._give_workspace(environment_id, _resolve_user(rootfs, spec.workspace_owner)[0])
+        if any(mount.kind is MountKind.WORKSPACE for mount in spec.mounts):
+            owner = spec.workspace_owner or spec.remote_user or user or "0"
+            self._give_workspace(environment_id, _resolve_user(rootfs, owner)[0])
         try:
             capabilities = oci_config.capability_set(spec.capabilities, privileged=spec.privileged)
         except ValueError as exc:
