@@ -332,6 +332,8 @@ BAD_REQUESTS = [
     bad("label-value-too-long", "PATCH", "/api/v1/projects/{project_taken}", 400, "label", json={"metadata": {"labels": {"k": "v" * 256}}}),
     bad("label-key-empty", "POST", PROJECT, 400, "label", json={"metadata": {"labels": {"": "v"}}, "spec": {"repository": "x"}}),
     # -- names already taken: 409 ---------------------------------------------------------------------------------
+    bad("project-repository-with-password", "POST", PROJECT, 422, "must not carry a user name or password", json={"spec": {"repository": "https://me:hunter2@git.example/r.git"}}),
+    bad("project-repository-option", "PATCH", "/api/v1/projects/{project_taken}", 422, "is not a git URL", json={"spec": {"repository": "--upload-pack=x"}}),
     bad("project-name-taken", "POST", PROJECT, 409, "already exists", json={"metadata": {"name": "taken"}, "spec": {"repository": "x"}}),
     bad("rename-to-taken", "PATCH", "/api/v1/projects/{project_other_project}", 409, "already exists", json={"metadata": {"name": "taken"}}),
     bad("class-name-taken", "POST", "/api/v1/environment-classes", 409, "already exists", json={"metadata": {"name": "taken"}}),

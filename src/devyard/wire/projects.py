@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from devyard.wire import git_context
 from devyard.wire.meta import Condition, MetadataPatch, MetadataWrite, ReadModel, Resource, WriteModel
 
 __all__ = [
@@ -32,6 +33,13 @@ class ProjectSpec(WriteModel):
     prebuild: PrebuildSettings = Field(default_factory=PrebuildSettings)
     env: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("repository")
+    @classmethod
+    def _safe_repository(cls, value: str) -> str:
+        # Its environments clone it: what GitContent would refuse must not be stored here either.
+        git_context.check_url_is_safe(value)
+        return value
+
 
 class ProjectSpecPatch(WriteModel):
     repository: str | None = Field(default=None, min_length=1, max_length=2048)
@@ -41,6 +49,13 @@ class ProjectSpecPatch(WriteModel):
     class_id: str | None = None
     prebuild: PrebuildSettings | None = None
     env: dict[str, str] | None = None
+
+    @field_validator("repository")
+    @classmethod
+    def _safe_repository(cls, value: str | None) -> str | None:
+        if value is not None:
+            git_context.check_url_is_safe(value)
+        return value
 
 
 class ProjectStatus(ReadModel):
