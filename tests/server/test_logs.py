@@ -5,15 +5,22 @@ and following: a chunk written after the follower started arrives, and the strea
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from devyard.client import ApiError, Client, RetryPolicy
+from devyard.server.api.logs import LogBell
+from devyard.server.database.engine import Database
+from devyard.server.settings import ServerSettings
 from devyard.wire.watch_events import WatchEvent
 from support import live_server
 from support.world import RegisteredRunner, eventually, make_user, register_runner
@@ -109,8 +116,9 @@ def test_only_the_owning_runner_writes_and_only_readers_of_the_environment_read(
     }
     assert [item["data"] for item in setting.read(setting.admin)] == ["step 1\n"]
     # No audit event per write: the runner's batches are not a person's mutations.
-    events = setting.admin.get("/api/v1/audit-events", {"page_size": 1000})["items"]
-    assert not [e for e in events if "log" in str(e.get("spec", e)).lower()]
+    before = setting.admin.list_all("/api/v1/audit-events")[0]
+    setting.ship({"stream": "build", "offset": 7, "data": "step 2\n"})
+    assert setting.admin.list_all("/api/v1/audit-events")[0] == before
     anonymous.close()
 
 
@@ -246,3 +254,30 @@ def test_a_follower_gets_new_chunks_and_ends_when_the_environment_is_deleted(
     thread.join(timeout=30)
     # The logs went with the environment.
     assert _status(setting.admin, "GET", setting.path) == 404
+
+
+async def test_followers_in_one_process_wake_on_another_process_s_notify(
+    database_kind: str, database_url: str, tmp_path: Path
+) -> None:
+    """On PostgreSQL a log write in any server process NOTIFYs ``devyard_logs``: the bell of every other process
+    rings for that environment while someone follows there, without waiting for the poll."""
+    if database_kind != "postgresql":
+        pytest.skip("SQLite has no NOTIFY: followers of other processes find new chunks by polling")
+    database = Database(ServerSettings(state_dir=tmp_path, database=database_url).database_url())
+    bell = LogBell(database)
+    try:
+        async with bell.following():
+            woken = bell.event("env_1")
+            other = bell.event("env_2")
+            async with database.engine.connect() as connection:
+                for _ in range(200):  # until the LISTEN connection stands: a NOTIFY before it is lost
+                    await connection.execute(text("SELECT pg_notify('devyard_logs', 'env_1')"))
+                    await connection.commit()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(woken.wait()), 0.1)
+                    if woken.is_set():
+                        break
+            assert woken.is_set()
+            assert not other.is_set()
+    finally:
+        await database.dispose()
