@@ -2,7 +2,8 @@
 
 The linux runtime uses it as its ``ImageSource`` (``prepare`` when it creates an environment, ``release`` when
 it deletes one); the ``devyard image`` commands use the rest (``pull``, ``images``, ``remove``,
-``import_archive``, ``gc``, ``holders``), possibly while a runner uses the same store.
+``import_archive``, ``gc``, ``holders``), possibly while a runner uses the same store; the image builder
+(``builder``) uses ``lookup``, ``export_layout`` (a base image handed to buildah) and ``import_archive``.
 
 Layout under ``root``::
 
@@ -553,6 +554,33 @@ class ImageStore:
                 await asyncio.to_thread(shutil.rmtree, scratch, True)
         return prepared.image
 
+    async def export_layout(self, reference_or_digest: str, destination: Path) -> str:
+        """Write the stored image as an OCI image layout in the new directory ``destination`` (blobs hard-linked
+        where the file system allows, else copied), for builders that start from it; returns its digest."""
+        async with _flock(self.root / "store.lock", fcntl.LOCK_SH):
+            digest, name = self._target(reference_or_digest)
+            row = (
+                None
+                if digest is None
+                else self._database.execute("SELECT record FROM images WHERE digest = ?", (digest,)).fetchone()
+            )
+            if digest is None or row is None:
+                raise PermanentError(f"no image {reference_or_digest!r} in the image store {self.root}")
+            record = _Record.from_json(row[0])
+            manifest = self._blob(digest)
+            await asyncio.to_thread(
+                _write_layout,
+                destination,
+                (manifest, self._blob(record.config_digest), *(self._blob(layer.digest) for layer in record.layers)),
+                {
+                    "mediaType": json.loads(manifest.read_bytes()).get("mediaType") or _OCI_MANIFEST,
+                    "digest": digest,
+                    "size": manifest.stat().st_size,
+                    **({"annotations": {"org.opencontainers.image.ref.name": name}} if name else {}),
+                },
+            )
+        return digest
+
     # --- pulling -----------------------------------------------------------------------------------------------
 
     def _named_image(self, reference: Reference) -> Image | None:
@@ -886,6 +914,21 @@ class ImageStore:
             }
         )
         return parse_manifest(raw, digest, _OCI_MANIFEST, context)
+
+
+def _write_layout(destination: Path, blobs: Collection[Path], descriptor: dict[str, Any]) -> None:
+    directory = destination / "blobs" / "sha256"
+    directory.mkdir(parents=True)
+    for blob in blobs:
+        try:
+            os.link(blob, directory / blob.name)
+        except FileExistsError:
+            pass  # the same blob twice (two identical layers)
+        except OSError:
+            shutil.copyfile(blob, directory / blob.name)
+    (destination / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [descriptor]}
+    (destination / "index.json").write_text(json.dumps(index))
 
 
 def _layer_media_type(path: Path) -> str:

@@ -1,0 +1,231 @@
+"""The image builder with real buildah: Dockerfiles FROM the test registry's busybox and FROM an image only the
+store has, built into a real store and read back from its unpacked layers; the cache, its key, and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devyard.runner.errors import PermanentError
+from devyard.runner.images import builder
+from devyard.runner.images.builder import BuildFailed, BuildSpec, Built
+from devyard.runner.images.store import ImageStore
+from support import images as images_support
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _buildah() -> None:
+    if shutil.which("buildah") is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI=true and buildah is missing (Debian package buildah; scripts/setup installs it)")
+        pytest.skip("buildah is not installed (Debian package buildah; scripts/setup installs it)")
+
+
+@pytest.fixture
+def builds(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "builds"
+    yield root
+    # Nothing of a build outlives it.
+    assert not (root / "work").exists() or not any((root / "work").iterdir())
+
+
+MULTI_STAGE = """\
+ARG BASE={base}
+FROM $BASE AS first
+ARG GREETING=hello
+RUN echo "$GREETING from first" > /greeting
+FROM first AS second
+COPY data.txt /data.txt
+COPY sub/ /sub/
+RUN cat /greeting /data.txt > /combined && echo done > /second
+FROM second AS third
+RUN echo third > /third
+"""
+
+
+def context_with(tmp_path: Path, dockerfile: str, files: dict[str, str] | None = None) -> Path:
+    context = tmp_path / "context"
+    context.mkdir(exist_ok=True)
+    (context / "Dockerfile").write_text(dockerfile)
+    for name, text in (files or {}).items():
+        path = context / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return context
+
+
+async def read_file(store: ImageStore, reference: str, path: str) -> str | None:
+    """A file of a stored image, from its unpacked layers (the topmost that has it), or ``None``."""
+    prepared = await store.prepare(reference, holder="test-reader")
+    await store.release("test-reader")
+    for layer in reversed(prepared.image.layers):
+        candidate = layer / path.lstrip("/")
+        if candidate.is_file():
+            return candidate.read_text(errors="replace")
+    return None
+
+
+def build_names(store: ImageStore) -> list[str]:
+    return [name for image in store.images() for name in image.references if name.startswith("devyard.local/build")]
+
+
+async def test_a_multi_stage_build_with_args_and_a_copy_lands_in_the_store_and_then_comes_from_the_cache(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = context_with(
+        tmp_path,
+        MULTI_STAGE.format(base=busybox_image),
+        {"data.txt": "data from the context\n", "sub/inner.txt": "inner\n", "ignored.txt": "x\n"},
+    )
+    (context / ".dockerignore").write_text("ignored.txt\n")
+    spec = BuildSpec(context, context / "Dockerfile", args={"GREETING": "hi"}, target="second")
+    lines: list[str] = []
+
+    built = await builder.build(store, builds, spec, output=lines.append)
+
+    assert not built.cached
+    assert built.reference.startswith("devyard.local/build:")
+    assert store.lookup(built.reference) == built.digest
+    assert await read_file(store, built.reference, "/combined") == "hi from first\ndata from the context\n"
+    assert await read_file(store, built.reference, "/sub/inner.txt") == "inner\n"
+    assert await read_file(store, built.reference, "/bin/busybox") is not None  # the base's layer is there too
+    assert await read_file(store, built.reference, "/third") is None  # a stage after the target
+    assert any("STEP" in line and "RUN cat /greeting" in line for line in lines)
+
+    # The same inputs again, and a change to a file the .dockerignore leaves out: the cache, without buildah.
+    (context / "ignored.txt").write_text("changed\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
+    quiet: list[str] = []
+    again = await builder.build(store, builds, spec, output=quiet.append)
+    assert again == Built(built.reference, built.digest, cached=True)
+    assert quiet == []
+
+
+async def test_a_changed_context_file_or_arg_misses_the_cache(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path
+) -> None:
+    context = context_with(
+        tmp_path,
+        f"FROM {busybox_image}\nARG WHO=nobody\nCOPY data.txt /data.txt\nRUN echo $WHO >> /data.txt\n",
+        {"data.txt": "one\n"},
+    )
+    spec = BuildSpec(context, context / "Dockerfile")
+    first = await builder.build(store, builds, spec)
+
+    (context / "data.txt").write_text("two\n")
+    changed_file = await builder.build(store, builds, spec)
+    changed_arg = await builder.build(store, builds, BuildSpec(context, context / "Dockerfile", args={"WHO": "me"}))
+    os.chmod(context / "data.txt", 0o600)
+    changed_mode = await builder.build(store, builds, spec)
+
+    assert not changed_file.cached and not changed_arg.cached and not changed_mode.cached
+    assert len({first.reference, changed_file.reference, changed_arg.reference, changed_mode.reference}) == 4
+    assert await read_file(store, first.reference, "/data.txt") == "one\nnobody\n"
+    assert await read_file(store, changed_file.reference, "/data.txt") == "two\nnobody\n"
+    assert await read_file(store, changed_arg.reference, "/data.txt") == "two\nme\n"
+
+
+async def test_a_failing_run_reports_its_step_and_output_and_leaves_nothing(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path
+) -> None:
+    context = context_with(
+        tmp_path, f"FROM {busybox_image}\nRUN echo fine\nRUN echo 'about to fail' && exit 3\nRUN echo never\n"
+    )
+    lines: list[str] = []
+
+    with pytest.raises(BuildFailed) as raised:
+        await builder.build(store, builds, BuildSpec(context, context / "Dockerfile"), output=lines.append)
+
+    message = str(raised.value)
+    assert "STEP 3/4: RUN echo 'about to fail' && exit 3" in message
+    assert "about to fail" in raised.value.output
+    assert "RUN echo 'about to fail'" in raised.value.step
+    assert "about to fail" in lines
+    assert not any("never" in line for line in lines)
+    assert build_names(store) == []
+
+
+async def test_from_an_image_only_the_store_has(store: ImageStore, builds: Path, tmp_path: Path) -> None:
+    layout = images_support.busybox_layout(tmp_path / "layout")
+    await store.import_archive(layout, "devyard.local/test/busybox:1")
+    context = context_with(tmp_path, "FROM devyard.local/test/busybox:1\nRUN echo from the store > /origin\n")
+
+    built = await builder.build(store, builds, BuildSpec(context, context / "Dockerfile"))
+
+    assert await read_file(store, built.reference, "/origin") == "from the store\n"
+
+
+async def test_concurrent_builds_of_one_key_run_buildah_once(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path
+) -> None:
+    context = context_with(tmp_path, f"FROM {busybox_image}\nRUN echo once > /once\n")
+    spec = BuildSpec(context, context / "Dockerfile")
+    outputs: list[list[str]] = [[], []]
+
+    results = await asyncio.gather(*(builder.build(store, builds, spec, output=out.append) for out in outputs))
+
+    assert sorted(result.cached for result in results) == [False, True]
+    assert results[0].reference == results[1].reference
+    assert sum(1 for out in outputs for line in out if "RUN echo once" in line) == 1
+
+
+async def test_a_cancelled_build_leaves_nothing_and_the_next_one_starts_clean(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path
+) -> None:
+    context = context_with(tmp_path, f"FROM {busybox_image}\nRUN echo started && sleep 600\n")
+    spec = BuildSpec(context, context / "Dockerfile")
+    started = asyncio.Event()
+
+    def watch(line: str) -> None:
+        if line == "started":
+            started.set()
+
+    task = asyncio.ensure_future(builder.build(store, builds, spec, output=watch))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert build_names(store) == []
+    assert not any((builds / "work").iterdir())
+
+
+async def test_refused_options_and_a_missing_buildah_are_clear_errors(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = context_with(tmp_path, f"FROM {busybox_image}\n")
+    with pytest.raises(PermanentError, match=r"--network=host.*refused.*runner host's own services"):
+        await builder.build(store, builds, BuildSpec(context, context / "Dockerfile", options=("--network=host",)))
+    with pytest.raises(PermanentError, match="FROM names no image"):
+        await builder.build(store, builds, BuildSpec(context_with(tmp_path, "FROM\n"), context / "Dockerfile"))
+    context_with(tmp_path, "FROM devyard.local/test/missing:1\n")
+    with pytest.raises(PermanentError, match=re.escape("devyard.local/test/missing:1 (line 1), which is not in")):
+        await builder.build(store, builds, BuildSpec(context, context / "Dockerfile"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
+    with pytest.raises(PermanentError, match="Debian package buildah"):
+        await builder.build(store, builds, BuildSpec(context_with(tmp_path, "FROM scratch\n"), context / "Dockerfile"))
+
+
+def test_the_key_follows_dockerignore_exceptions_and_the_options(tmp_path: Path) -> None:
+    context = context_with(tmp_path, "FROM scratch\n", {"logs/a.log": "a", "logs/keep.log": "k", "src/x.py": "x"})
+    (context / ".dockerignore").write_text("# logs\nlogs/*.log\n!logs/keep.log\n**/*.tmp\n")
+
+    def key(options: tuple[str, ...] = ()) -> str:
+        spec = BuildSpec(context, context / "Dockerfile", options=options)
+        return builder.cache_key(spec, "FROM scratch\n", builder._context_digest(context), {})
+
+    before = key()
+    (context / "logs" / "a.log").write_text("changed")
+    (context / "src" / "deep.tmp").write_text("t")
+    assert key() == before
+    (context / "logs" / "keep.log").write_text("changed")
+    assert key() != before
+    assert key(("--no-cache",)) != key()
