@@ -41,11 +41,13 @@ from devyard.runner import credentials, state_lock
 from devyard.runner.backoff import Backoff, BackoffPolicy
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.controller import Controller
+from devyard.runner.dev_container import DevContainers
 from devyard.runner.environments import EnvironmentReconciler
 from devyard.runner.errors import CredentialError, RunnerError, StateDirInUse
 from devyard.runner.fake_runtime import FakeRuntime, FakeRuntimeConfig
 from devyard.runner.gateway import Gateway, TicketCheck
 from devyard.runner.informer import Informer
+from devyard.runner.log_shipper import LogShipper
 from devyard.runner.runtime import Runtime
 from devyard.runner.settings import RunnerSettings
 from devyard.runner.workqueue import WorkQueue
@@ -109,6 +111,8 @@ class Agent:
         self.controller: Controller | None = None
         #: Heartbeats the server accepted; for tests and metrics.
         self.heartbeats = 0
+        #: Ships the environments' logs to the server, once the agent has its credential.
+        self.log_shipper: LogShipper | None = None
         #: The gateway, once it listens.
         self.gateway: Gateway | None = None
         self._report_soon = asyncio.Event()
@@ -229,12 +233,20 @@ class Agent:
                 reconnect=self._reconnect_policy(),
                 bookmark_interval=settings.bookmark_interval,
             )
+            self.log_shipper = LogShipper(client, settings.log_root(), clock=self.clock)
             reconciler = EnvironmentReconciler(
                 client=client,
                 runtime=self.runtime,
                 informer=self.informer,
                 default_image=settings.default_image,
                 clock=self.clock,
+                dev_containers=DevContainers(
+                    self.runtime,
+                    state_dir=settings.state_dir / "dev-containers",
+                    log_root=settings.log_root(),
+                    desktop=settings.desktop,
+                ),
+                requeue=self.queue.add,
             )
             self.controller = Controller(reconciler, self.queue, workers=settings.workers)
             log.info(
@@ -250,6 +262,7 @@ class Agent:
                 self._spawn(self._heartbeat(client, runner_id), "runner-heartbeat"),
                 self._spawn(self.informer.run(), "runner-informer"),
                 self._spawn(self._resync(), "runner-resync"),
+                self._spawn(self.log_shipper.run(), "runner-log-shipper"),
             ]
             if settings.gateway_listen:
                 loops.append(self._spawn(self._run_gateway(client, runner_id), "runner-gateway"))

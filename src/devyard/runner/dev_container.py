@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from devyard.runner import lifecycle
 from devyard.runner.atomic_file import write_atomically
+from devyard.runner.automations.file_format import Automations, find_automations_file, load_automations
 from devyard.runner.content import fetch_content, git_credentials
 from devyard.runner.errors import PermanentError
 from devyard.runner.runtime import ContainerSpec, Mount, MountKind, Runtime
@@ -100,6 +101,28 @@ class DevContainers:
             return None
         found = document.get("automations_file")
         return str(found) if isinstance(found, str) else None
+
+    def automations(self, environment_id: str) -> Automations | None:
+        """The automations of the environment's workspace, or None without a file (or content). Raises
+        ``AutomationsFileError`` for a file with problems."""
+        workspace = self.runtime.workspace(environment_id)
+        path = find_automations_file(workspace, self.automations_file(environment_id))
+        if path is None:
+            return None
+        automations = load_automations(path, shown_as=str(path.relative_to(workspace)))
+        return automations if automations.services or automations.tasks else None
+
+    def fired_triggers(self, environment_id: str) -> tuple[str | None, str | None] | None:
+        """The container (its ``created_at``) and start (``started_at``) whose automation triggers fired last."""
+        try:
+            document = json.loads((self.directory(environment_id) / "triggers.json").read_text())
+            return (document["container"], document["start"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def keep_fired_triggers(self, environment_id: str, fired: tuple[str | None, str | None]) -> None:
+        document = {"container": fired[0], "start": fired[1]}
+        write_atomically(self.directory(environment_id) / "triggers.json", json.dumps(document).encode())
 
     def remove(self, environment_id: str) -> None:
         shutil.rmtree(self.directory(environment_id), ignore_errors=True)

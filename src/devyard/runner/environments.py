@@ -45,12 +45,15 @@ from pydantic import TypeAdapter
 
 from devyard.client import ApiError, AsyncClient, TransportError
 from devyard.runner import lifecycle
+from devyard.runner.automations.executor import AutomationsExecutor
+from devyard.runner.automations.file_format import AutomationsFileError
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.controller import Result
 from devyard.runner.dev_container import DevContainers
 from devyard.runner.errors import PermanentError, TemporaryError
 from devyard.runner.informer import Informer
 from devyard.runner.runtime import ContainerSpec, ContainerStatus, Runtime
+from devyard.wire.automations import AutomationTrigger
 from devyard.wire.environment_classes import EnvironmentClass
 from devyard.wire.environments import (
     DesiredPhase,
@@ -63,7 +66,7 @@ from devyard.wire.meta import Condition, ConditionStatus
 from devyard.wire.organizations import Organization
 from devyard.wire.secrets import SecretType, SecretValue
 
-__all__ = ["HOOKS", "READY", "EnvironmentReconciler"]
+__all__ = ["AUTOMATIONS", "HOOKS", "READY", "EnvironmentReconciler"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,8 @@ log = logging.getLogger(__name__)
 READY: Final = "Ready"
 #: True once every lifecycle hook of the dev container ran for this start; False while they run or if one failed.
 HOOKS: Final = "Hooks"
+#: False when the automations file has problems (its message lists them); absent when there never were any.
+AUTOMATIONS: Final = "Automations"
 #: The timings this reconciler measures; the rest of ``status.timings`` belongs to the server.
 _START_STEPS: Final = ("content", "build", "pull", "unpack", "create", "start", "hooks")
 #: A start step that takes longer than this has its phase reported while it runs.
@@ -112,6 +117,11 @@ class EnvironmentReconciler:
         #: Environment id -> the task running its lifecycle hooks, and the hook it is at.
         self._hooks: dict[str, asyncio.Task[lifecycle.Outcome]] = {}
         self._hook_at: dict[str, str] = {}
+        #: Seconds the last hooks task took, until reported.
+        self._hook_seconds: dict[str, float] = {}
+        #: Environment id -> its automations, while it runs; and why its automations file was refused.
+        self._automations: dict[str, AutomationsExecutor] = {}
+        self._automation_problems: dict[str, str] = {}
         #: Environment class id -> (cpu, memory MiB, disk GiB), or None when the runner may not read it.
         self._classes: dict[str, tuple[float, int, int] | None] = {}
         #: Organization id -> (when read, its default image).
@@ -151,6 +161,7 @@ class EnvironmentReconciler:
 
         if desired is DesiredPhase.DELETED:
             await self._cancel_hooks(key)
+            await self._stop_automations(key)
             if container is not None:
                 await self._report(key, EnvironmentPhase.DELETING)
                 await self._runtime.delete(key)
@@ -165,6 +176,7 @@ class EnvironmentReconciler:
 
         if desired is DesiredPhase.STOPPED:
             await self._cancel_hooks(key)
+            await self._stop_automations(key)
             if container is not None and container.running:
                 await self._report(key, EnvironmentPhase.STOPPING)
                 await self._runtime.stop(key)
@@ -200,40 +212,84 @@ class EnvironmentReconciler:
     async def _after_start(
         self, environment: Environment, container: ContainerStatus, timings: dict[str, float], drop: tuple[str, ...]
     ) -> Result:
-        """Running, once the hooks up to ``waitFor`` ran; the rest run on in their task."""
+        """Running, once the hooks up to ``waitFor`` ran; the rest run on in their task; the automations start once
+        every hook ran."""
         key = environment.metadata.id
         plan = self._dev_containers.plan(key) if self._dev_containers is not None else None
-        if plan is None or not plan.commands:
-            await self._report(key, EnvironmentPhase.RUNNING, timings=timings, drop_timings=drop)
-            return Result()
-        assert self._dev_containers is not None
-        outcome = lifecycle.pending(self._dev_containers.directory(key), plan, container)
-        task = self._hooks.get(key)
-        if task is not None and task.done():
-            del self._hooks[key]
-            self._hook_at.pop(key, None)
-            if not task.cancelled() and task.exception() is not None:
-                log.error("the hooks of %s failed to run: %s", key, task.exception())
-                raise TemporaryError(f"running the lifecycle hooks: {task.exception()}")
-            task = None
-        if outcome.remaining and task is None:
-            task = self._hooks[key] = asyncio.create_task(self._run_hooks(key, plan, container), name=f"hooks-{key}")
-        if outcome.failed_hook is not None:
-            hooks = (ConditionStatus.FALSE, "HookFailed", outcome.message)
-        elif outcome.remaining:
-            at = self._hook_at.get(key, outcome.remaining[0])
-            hooks = (ConditionStatus.FALSE, "Running", f"running {at}")
-        else:
-            hooks = (ConditionStatus.TRUE, "Done", "")
-        if not outcome.ready(plan.wait_for):
+        hooks: tuple[ConditionStatus, str, str] | None = None
+        ready = True
+        if plan is not None and plan.commands:
+            assert self._dev_containers is not None
+            outcome = lifecycle.pending(self._dev_containers.directory(key), plan, container)
+            task = self._hooks.get(key)
+            if task is not None and task.done():
+                del self._hooks[key]
+                self._hook_at.pop(key, None)
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("the hooks of %s failed to run: %s", key, task.exception())
+                    raise TemporaryError(f"running the lifecycle hooks: {task.exception()}")
+                task = None
+            if outcome.remaining and task is None:
+                self._hooks[key] = asyncio.create_task(self._run_hooks(key, plan, container), name=f"hooks-{key}")
+            seconds = self._hook_seconds.pop(key, None)
+            if seconds is not None:
+                timings["hooks"] = seconds
             if outcome.failed_hook is not None:
+                hooks = (ConditionStatus.FALSE, "HookFailed", outcome.message)
+            elif outcome.remaining:
+                hooks = (ConditionStatus.FALSE, "Running", f"running {self._hook_at.get(key, outcome.remaining[0])}")
+            else:
+                hooks = (ConditionStatus.TRUE, "Done", "")
+            ready = outcome.ready(plan.wait_for)
+            if not ready and outcome.failed_hook is not None:
                 raise PermanentError(f"{outcome.message}; see `devyard env logs {key} --stream lifecycle`")
-            await self._report(
-                key, EnvironmentPhase.STARTING, message=hooks[2], timings=timings, drop_timings=drop, hooks=hooks
-            )
-            return Result()
-        await self._report(key, EnvironmentPhase.RUNNING, timings=timings, drop_timings=drop, hooks=hooks)
+            if outcome.done:
+                await self._start_automations(key, container)
+        else:
+            await self._start_automations(key, container)
+        phase = EnvironmentPhase.RUNNING if ready else EnvironmentPhase.STARTING
+        message = "" if ready or hooks is None else hooks[2]
+        await self._report(key, phase, message=message, timings=timings, drop_timings=drop, hooks=hooks)
         return Result()
+
+    async def _start_automations(self, key: str, container: ContainerStatus) -> None:
+        """Make the environment's automations executor (once per runner process), and fire the triggers of this
+        container and this start, once: what fired is kept, so a restarted runner does not run tasks again."""
+        if self._dev_containers is None:
+            return
+        executor = self._automations.get(key)
+        if executor is None:
+            try:
+                automations = self._dev_containers.automations(key)
+            except AutomationsFileError as exc:
+                self._automation_problems[key] = str(exc)
+                return
+            self._automation_problems.pop(key, None)
+            if automations is None:
+                return
+            executor = AutomationsExecutor(
+                self._runtime,
+                key,
+                automations,
+                log_root=self._dev_containers.log_root,
+                state_dir=self._dev_containers.directory(key) / "automations",
+                on_change=lambda _: self._requeue(key),
+            )
+            self._automations[key] = executor
+            await executor.recover()
+        fired = self._dev_containers.fired_triggers(key)
+        created, started = _timestamp(container.created_at), _timestamp(container.started_at)
+        if fired == (created, started):
+            return
+        self._dev_containers.keep_fired_triggers(key, (created, started))
+        if fired is None or fired[0] != created:
+            await executor.on_trigger(AutomationTrigger.POST_DEVCONTAINER_START)
+        await executor.on_trigger(AutomationTrigger.POST_ENVIRONMENT_START)
+
+    async def _stop_automations(self, key: str) -> None:
+        executor = self._automations.pop(key, None)
+        if executor is not None:
+            await executor.stop_all()
 
     async def _run_hooks(
         self, key: str, plan: lifecycle.LifecyclePlan, container: ContainerStatus
@@ -255,7 +311,7 @@ class EnvironmentReconciler:
                 on_hook=at,
             )
         finally:
-            log.info("hooks of %s: %.1f s", key, self._clock.now() - started)
+            self._hook_seconds[key] = round(self._clock.now() - started, 3)
             self._requeue(key)
 
     async def _cancel_hooks(self, key: str) -> None:
@@ -358,6 +414,22 @@ class EnvironmentReconciler:
                 raise TemporaryError(f"cannot read {what}: {exc}") from exc
             raise PermanentError(f"the server refused {what}: {exc}") from exc
 
+    def _with_automations(self, key: str, status: EnvironmentStatus, generation: int) -> EnvironmentStatus:
+        """``status`` with the automations' statuses, and the Automations condition when the file is refused."""
+        executor = self._automations.get(key)
+        automations = [a.model_dump(mode="json") for a in executor.statuses()] if executor is not None else []
+        conditions = status.conditions
+        problem = self._automation_problems.get(key)
+        if problem is not None:
+            conditions = _with_condition(
+                list(conditions), AUTOMATIONS, ConditionStatus.FALSE, "InvalidFile", problem, generation
+            )
+        elif any(c.type == AUTOMATIONS for c in conditions):
+            conditions = _with_condition(list(conditions), AUTOMATIONS, ConditionStatus.TRUE, "Loaded", "", generation)
+        if automations == status.automations and conditions == status.conditions:
+            return status
+        return status.model_copy(update={"automations": automations, "conditions": conditions})
+
     async def _report_quietly(self, key: str, phase: EnvironmentPhase, *, message: str) -> None:
         """Report a failure; if even that cannot be written, the log has it and a retry will report it."""
         try:
@@ -381,6 +453,7 @@ class EnvironmentReconciler:
             return  # gone meanwhile; the next reconcile removes what is left
         current = environment.status
         wanted = _next_status(environment, phase, message, timings or {}, drop_timings, hooks)
+        wanted = self._with_automations(key, wanted, environment.metadata.generation)
         if wanted == current:
             return
         body = EnvironmentStatusWrite(status=wanted).model_dump(mode="json", exclude_none=False)
@@ -402,6 +475,10 @@ class EnvironmentReconciler:
             self._informer.update(Environment.model_validate(answer))
         except ValueError:
             self._informer.update(environment.model_copy(update={"status": wanted}))
+
+
+def _timestamp(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
 
 
 def _container_secrets(secrets: list[SecretValue]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:

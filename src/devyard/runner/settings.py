@@ -96,6 +96,10 @@ class RunnerSettings(BaseSettings):
     def credential_path(self) -> Path:
         return self.state_dir / "credential.json"
 
+    def log_root(self) -> Path:
+        """Where the environments' logs are written (``<id>/build.log``, ``lifecycle.log``, ``automations/``)."""
+        return self.state_dir / "logs"
+
     def fake_state_path(self) -> Path | None:
         return self.state_dir / "fake-runtime.json" if self.fake_persist else None
 
