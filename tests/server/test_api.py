@@ -272,3 +272,33 @@ def test_error_envelope_for_unknown_routes_and_methods(admin_client: Client) -> 
 def test_openapi_is_served(admin_client: Client) -> None:
     spec = admin_client.get("/openapi.json")
     assert "/api/v1/environments/{environment_id}/status" in spec["paths"]
+
+
+def test_an_environment_of_a_project_takes_the_projects_settings(admin_client: Client) -> None:
+    project = admin_client.post(
+        "/api/v1/projects",
+        {
+            "metadata": {"name": "web"},
+            "spec": {
+                "repository": "https://git.example/team/web.git",
+                "ref": "main",
+                "devcontainer_path": ".devcontainer/python/devcontainer.json",
+                "automations_path": "ops/automations.yaml",
+                "env": {"A": "project", "B": "project"},
+            },
+        },
+    )
+    spec = admin_client.post(
+        "/api/v1/environments", {"spec": {"project_id": project["metadata"]["id"], "env": {"B": "mine"}}}
+    )["spec"]
+    assert spec["content"]["git"]["url"] == "https://git.example/team/web.git"
+    assert spec["content"]["git"]["ref"] == "main"
+    assert spec["devcontainer_path"] == ".devcontainer/python/devcontainer.json"
+    assert spec["automations_path"] == "ops/automations.yaml"
+    assert spec["env"] == {"A": "project", "B": "mine"}
+    # What the environment says wins over the project's.
+    own = admin_client.post(
+        "/api/v1/environments",
+        {"spec": {"project_id": project["metadata"]["id"], "automations_path": ".gitpod/automations.yaml"}},
+    )["spec"]
+    assert own["automations_path"] == ".gitpod/automations.yaml"

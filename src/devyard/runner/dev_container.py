@@ -87,7 +87,7 @@ class DevContainers:
             workdir=folder,
         )
         plan = lifecycle.LifecyclePlan(cwd=folder)
-        prepared = Prepared(spec=spec, plan=plan, timings=timings)
+        prepared = Prepared(spec=spec, plan=plan, automations_file=environment.spec.automations_path, timings=timings)
         self._keep(key, prepared)
         return prepared
 

@@ -109,6 +109,9 @@ class EnvironmentSpec(WriteModel):
     class_id: str | None = None
     content: ContentSpec | None = None
     devcontainer_path: str | None = Field(default=None, max_length=1024)
+    #: The automations file, relative to the repository; None: ``.devyard/automations.yaml``, else
+    #: ``.gitpod/automations.yaml``.
+    automations_path: str | None = Field(default=None, max_length=1024)
     image: str | None = Field(default=None, max_length=1024)
     #: Idle timeout in seconds; None uses the organization's default, 0 never times out.
     timeout: int | None = Field(default=None, ge=0, le=30 * 24 * 3600)
@@ -126,6 +129,7 @@ class EnvironmentSpecPatch(WriteModel):
     class_id: str | None = None
     content: ContentSpec | None = None
     devcontainer_path: str | None = Field(default=None, max_length=1024)
+    automations_path: str | None = Field(default=None, max_length=1024)
     image: str | None = Field(default=None, max_length=1024)
     timeout: int | None = Field(default=None, ge=0, le=30 * 24 * 3600)
     ports: list[PortSpec] | None = Field(default=None, max_length=100)

@@ -132,6 +132,8 @@ def _with_project_defaults(spec: EnvironmentSpec, project: ResourceRow) -> Envir
         update["class_id"] = project.spec["class_id"]
     if spec.devcontainer_path is None and project.spec.get("devcontainer_path"):
         update["devcontainer_path"] = project.spec["devcontainer_path"]
+    if spec.automations_path is None and project.spec.get("automations_path"):
+        update["automations_path"] = project.spec["automations_path"]
     if project.spec.get("env"):
         update["env"] = {**project.spec["env"], **spec.env}
     return spec.model_copy(update=update) if update else spec
