@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from devyard.devcontainer import features
+from devyard.devcontainer import features, jsonc
 from devyard.devcontainer.errors import ConfigError
 
 
@@ -247,19 +247,21 @@ def test_options_resolve_over_defaults_and_are_type_checked() -> None:
             "optimize": {"type": "boolean", "default": True},
         }
     )
-    resolved = features.resolve_options(definition, {"version": "3.12", "pip": False}, name="py", source="f.json")
+    resolved = features.resolve_options(
+        definition, {"version": "3.12", "pip": False}, name="py", location=features.Location("f.json")
+    )
     assert resolved == {"version": "3.12", "pip": False, "optimize": True}
     assert features.feature_env(resolved) == {"VERSION": "3.12", "PIP": "false", "OPTIMIZE": "true"}
     with pytest.raises(
         ConfigError, match=r"the Feature py has no option 'pypy' \(its options: optimize, pip, version\)"
     ):
-        features.resolve_options(definition, {"pypy": "1"}, name="py", source="f.json")
+        features.resolve_options(definition, {"pypy": "1"}, name="py", location=features.Location("f.json"))
     with pytest.raises(ConfigError, match="is a boolean: write true or false"):
-        features.resolve_options(definition, {"pip": "false"}, name="py", source="f.json")
+        features.resolve_options(definition, {"pip": "false"}, name="py", location=features.Location("f.json"))
     with pytest.raises(ConfigError, match='is a string: write "true"'):
-        features.resolve_options(definition, {"version": True}, name="py", source="f.json")
+        features.resolve_options(definition, {"version": True}, name="py", location=features.Location("f.json"))
     with pytest.raises(ConfigError, match=re.escape("must be one of latest, 3.12")):
-        features.resolve_options(definition, {"version": "2.7"}, name="py", source="f.json")
+        features.resolve_options(definition, {"version": "2.7"}, name="py", location=features.Location("f.json"))
 
 
 @pytest.mark.parametrize(
@@ -412,6 +414,37 @@ async def test_a_local_feature_is_named_after_its_folder(project: Path) -> None:
 async def test_the_local_source_fetches_nothing(project: Path) -> None:
     with pytest.raises(ConfigError, match="is not local, and this check fetches nothing"):
         await order(project, {"ghcr.io/devcontainers/features/go:1": {}})
+
+
+async def test_errors_point_at_their_line_and_column(project: Path) -> None:
+    write_feature(project, "a", options=MAGIC)
+    folder = write_feature(project, "b")
+    (folder / "devcontainer-feature.json").write_text(
+        '{\n  "id": "b", "version": "1.0.0",\n  "dependsOn": {\n    "./a": {"magicNumber": true}\n  }\n}'
+    )
+
+    async def error(text: str) -> ConfigError:
+        config, positions = jsonc.parse_with_positions(text, source="devcontainer.json")
+        with pytest.raises(ConfigError) as raised:
+            await features.resolve_features(
+                config["features"],
+                config_file=project / "devcontainer.json",
+                source=features.LocalFeatureSource(),
+                override_order=config.get("overrideFeatureInstallOrder", []),
+                positions=positions,
+            )
+        return raised.value
+
+    found = await error('{\n  "features": {\n    "./a": {\n      "nope": "1"\n    }\n  }\n}')
+    assert (found.line, found.column) == (4, 15)
+    assert "has no option 'nope'" in found.message
+    found = await error('{\n  "features": {\n    "./a": {},\n    "node": {}\n  }\n}')
+    assert (found.line, found.column) == (4, 5)
+    found = await error('{"features": {"./a": {}},\n "overrideFeatureInstallOrder": ["./a", "./c"]}')
+    assert (found.line, found.column) == (2, 41)
+    found = await error('{"features": {"./b": {}}}')
+    assert (found.source, found.line, found.column) == (str(folder / "devcontainer-feature.json"), 4, 28)
+    assert "the option 'magicNumber' of the Feature ./a is a string" in found.message
 
 
 # --- contributions --------------------------------------------------------------------------------------------

@@ -21,10 +21,13 @@ import pytest
 from devyard.devcontainer import features
 from devyard.devcontainer.errors import ConfigError
 from devyard.runner.errors import PermanentError
-from devyard.runner.features import FeatureCache
+from devyard.runner.features import FeatureCache, features_root
+from devyard.runner.images.image import IdRange
+from devyard.runner.images.registry import Credentials
+from devyard.runner.images.store import ImageStore
 from support import images as images_support
 from support.images import Entry, tar_layer
-from support.registry import RegistryServer
+from support.registry import USERS, RegistryServer
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CONFIG = Path("/nowhere/.devcontainer/devcontainer.json")
@@ -57,6 +60,7 @@ def push_feature(
     layer: bytes,
     *,
     media_type: str = features.FEATURE_LAYER_MEDIA_TYPE,
+    credentials: Credentials | None = None,
 ) -> tuple[str, str, str]:
     """Pack ``layer`` as the spec's Feature artifact, push it as ``name``: (reference, manifest digest, layer
     digest)."""
@@ -74,7 +78,7 @@ def push_feature(
     top = {"mediaType": OCI_MANIFEST, **_blob(layout, json.dumps(manifest).encode())}
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    reference = images_support.push(layout, registry.host, name)
+    reference = images_support.push(layout, registry.host, name, credentials=credentials)
     return reference, top["digest"], layer_descriptor["digest"]
 
 
@@ -107,6 +111,30 @@ async def test_an_oci_feature_is_fetched_verified_and_unpacked_once(registry: Re
         )
     # Tag and digest name the same manifest: with the same options it is one Feature.
     assert [(str(feature.reference), dict(feature.options)) for feature in resolved] == [(text, {"greeting": "hi"})]
+
+
+async def test_registry_credentials_are_those_of_image_pulls(basic_registry: RegistryServer, tmp_path: Path) -> None:
+    alice = {basic_registry.host: ("alice", USERS["alice"])}
+    layout_layer = feature_tar("private")
+    text, manifest_digest, _ = push_feature(
+        basic_registry, tmp_path, "private/features/private:1", layout_layer, credentials=alice
+    )
+    store = ImageStore(tmp_path / "images", id_range=IdRange(), insecure={basic_registry.host})
+    try:
+        async with FeatureCache.for_store(store, features_root(tmp_path / "state")) as cache:
+            with pytest.raises(PermanentError, match="needs credentials"):
+                await cache.fetch(reference_of(text))
+        # The environment's credentials (its registry secrets) come on top of the store's.
+        async with FeatureCache.for_store(store, features_root(tmp_path / "state"), credentials=alice) as cache:
+            fetched = await cache.fetch(reference_of(text))
+        assert fetched.digest == manifest_digest
+        assert fetched.folder.parent == tmp_path / "state" / "features"
+        # A Feature in the cache is not everyone's: the manifest is asked for, with the caller's credentials.
+        async with FeatureCache.for_store(store, features_root(tmp_path / "state")) as cache:
+            with pytest.raises(PermanentError, match="needs credentials"):
+                await cache.fetch(reference_of(text))
+    finally:
+        store.close()
 
 
 async def test_a_corrupt_blob_is_refused(registry: RegistryServer, tmp_path: Path) -> None:

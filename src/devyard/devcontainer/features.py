@@ -49,6 +49,7 @@ __all__ = [
     "FetchedFeature",
     "LocalFeatureSource",
     "LocalReference",
+    "Location",
     "OciReference",
     "OptionValue",
     "ResolvedFeature",
@@ -125,6 +126,25 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 def _error(source: str | Path, message: str) -> ConfigError:
     return ConfigError(str(source), None, None, message)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where something is written: a file, the positions of its values (from ``jsonc.parse_with_positions``;
+    ``None`` when unknown) and the path of the thing inside it. Errors about it point at its line and column."""
+
+    source: str
+    positions: jsonc.Positions | None = field(default=None, compare=False, repr=False)
+    path: jsonc.JsonPath = ()
+
+    def error(self, message: str, *below: str | int, key: bool = False) -> ConfigError:
+        """A ``ConfigError`` at the value ``below`` this location (at its property name with ``key``)."""
+        if self.positions is None:
+            return ConfigError(self.source, None, None, message)
+        path = (*self.path, *below)
+        found = self.positions.key_at(path) if key else self.positions.at(path)
+        line, column = found or self.positions.nearest(path)
+        return ConfigError(self.source, line, column, message)
 
 
 # --- references --------------------------------------------------------------------------------------------------
@@ -342,41 +362,47 @@ class UserFeature:
 
     reference: FeatureReference
     options: Mapping[str, OptionValue]
+    #: Where the entry's value is written.
+    location: Location = field(default=Location(""), compare=False)
 
 
-def _options_of(value: Any, text: str, source: str, where: str) -> dict[str, OptionValue]:
+def _options_of(value: Any, text: str, location: Location, where: str) -> dict[str, OptionValue]:
     if isinstance(value, str):
         # The spec's shorthand: a string is the "version" option.
         return {"version": value}
     if not isinstance(value, dict):
-        raise _error(
-            source, f"{where}: the value of {text!r} must be an object of options or a version string, not {value!r}"
+        raise location.error(
+            f"{where}: the value of {text!r} must be an object of options or a version string, not {value!r}"
         )
     options: dict[str, OptionValue] = {}
     for name, option in value.items():
         if not isinstance(option, str | bool):
-            raise _error(
-                source,
+            raise location.error(
                 f"{where}: the option {name!r} of {text!r} is {json.dumps(option)}; option values are strings or "
                 f"booleans (write {json.dumps(str(option))}?)",
+                name,
             )
         options[name] = option
     return options
 
 
 def parse_user_features(
-    features: Mapping[str, Any], *, config_file: Path, where: str = "features"
+    features: Mapping[str, Any], *, config_file: Path, where: str = "features", location: Location | None = None
 ) -> list[UserFeature]:
-    """The references and options of a ``features`` object, in the order written."""
+    """The references and options of a ``features`` object, in the order written. ``location`` is where the
+    object is written (default: ``config_file``'s ``features``, without positions)."""
+    within = location or Location(str(config_file), None, ("features",))
     if not isinstance(features, Mapping):
-        raise _error(config_file, f"{where} must be an object mapping Feature references to options")
-    source = str(config_file)
-    return [
-        UserFeature(
-            parse_feature_reference(text, config_file=config_file, where=where), _options_of(value, text, source, where)
-        )
-        for text, value in features.items()
-    ]
+        raise within.error(f"{where} must be an object mapping Feature references to options")
+    parsed = []
+    for text, value in features.items():
+        entry = Location(within.source, within.positions, (*within.path, text))
+        try:
+            reference = parse_feature_reference(text, config_file=config_file, where=where)
+        except ConfigError as exc:
+            raise entry.error(exc.message, key=True) from None
+        parsed.append(UserFeature(reference, _options_of(value, text, entry, where), entry))
+    return parsed
 
 
 # --- devcontainer-feature.json ------------------------------------------------------------------------------------
@@ -409,6 +435,8 @@ class FeatureDefinition:
     data: Mapping[str, Any] = field(repr=False)
     #: The file it was read from.
     source: str = ""
+    #: Where its values are in that file.
+    positions: jsonc.Positions | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -474,6 +502,7 @@ def load_definition(folder: Path, *, name: str = "") -> FeatureDefinition:
         legacy_ids=tuple(data.get("legacyIds", ())),
         data=data,
         source=str(path),
+        positions=positions,
     )
 
 
@@ -486,31 +515,32 @@ def option_env_name(option_id: str) -> str:
 
 
 def resolve_options(
-    definition: FeatureDefinition, given: Mapping[str, OptionValue], *, name: str, source: str | Path
+    definition: FeatureDefinition, given: Mapping[str, OptionValue], *, name: str, location: Location
 ) -> dict[str, OptionValue]:
-    """The options a Feature runs with: ``given`` over its defaults, each checked against its declaration."""
+    """The options a Feature runs with: ``given`` over its defaults, each checked against its declaration.
+    ``location`` is where ``given`` is written (errors point at the option)."""
     resolved = {option_id: option.default for option_id, option in definition.options.items()}
     for option_id, value in given.items():
         option = definition.options.get(option_id)
         if option is None:
             known = ", ".join(sorted(definition.options)) or "none"
-            raise _error(source, f"the Feature {name} has no option {option_id!r} (its options: {known})")
+            raise location.error(f"the Feature {name} has no option {option_id!r} (its options: {known})", option_id)
         if option.type == "boolean" and not isinstance(value, bool):
-            raise _error(
-                source,
+            raise location.error(
                 f"the option {option_id!r} of the Feature {name} is a boolean: write true or false, not {value!r}",
+                option_id,
             )
         if option.type == "string" and not isinstance(value, str):
-            raise _error(
-                source,
+            raise location.error(
                 f"the option {option_id!r} of the Feature {name} is a string: write {json.dumps(str(value).lower())}, "
                 f"not {json.dumps(value)}",
+                option_id,
             )
         if option.enum and value not in option.enum:
-            raise _error(
-                source,
+            raise location.error(
                 f"the option {option_id!r} of the Feature {name} must be one of {', '.join(option.enum)}; "
                 f"not {value!r}",
+                option_id,
             )
         resolved[option_id] = value
     return resolved
@@ -619,25 +649,31 @@ async def resolve_features(
     config_file: Path,
     source: FeatureSource,
     override_order: Sequence[str] = (),
+    positions: jsonc.Positions | None = None,
 ) -> list[ResolvedFeature]:
     """The Features of a config's ``features`` and everything they ``dependsOn``, in install order.
 
-    ``override_order`` is the config's ``overrideFeatureInstallOrder``. Raises ``ConfigError`` for a bad
-    reference, option or definition, a cycle (naming the Features in it), or an override entry that names no
-    Feature; what ``source`` raises (fetch failures) passes through.
+    ``override_order`` is the config's ``overrideFeatureInstallOrder``; ``positions``, those of the
+    devcontainer.json's values (``jsonc.parse_with_positions``), place errors at their line and column. Raises
+    ``ConfigError`` for a bad reference, option or definition, a cycle (naming the Features in it), or an
+    override entry that names no Feature; what ``source`` raises (fetch failures) passes through.
     """
-    graph = _Graph(config_file, source)
-    for user in parse_user_features(features, config_file=config_file):
-        await graph.add(user, parent=None)
+    config = Location(str(config_file), positions)
+    graph = _Graph(config_file, source, config)
+    for user in parse_user_features(
+        features, config_file=config_file, location=Location(config.source, positions, ("features",))
+    ):
+        await graph.add(user)
     return graph.order(override_order)
 
 
 class _Graph:
     """The accumulator of the spec's step 1: unique Features and their hard and soft edges."""
 
-    def __init__(self, config_file: Path, source: FeatureSource) -> None:
+    def __init__(self, config_file: Path, source: FeatureSource, config: Location) -> None:
         self.config_file = config_file
         self.source = source
+        self.config = config
         self.nodes: dict[tuple[str, str, str], ResolvedFeature] = {}
         self.hard: dict[tuple[str, str, str], list[tuple[str, str, str]]] = {}
         self.fetched: dict[FeatureReference, tuple[FetchedFeature, FeatureDefinition]] = {}
@@ -656,14 +692,9 @@ class _Graph:
             found = self.fetched[reference] = (fetched, definition)
         return found
 
-    async def add(self, user: UserFeature, parent: ResolvedFeature | None) -> tuple[str, str, str]:
+    async def add(self, user: UserFeature) -> tuple[str, str, str]:
         fetched, definition = await self._fetch(user.reference)
-        options = resolve_options(
-            definition,
-            user.options,
-            name=str(user.reference),
-            source=parent.definition.source if parent else self.config_file,
-        )
+        options = resolve_options(definition, user.options, name=str(user.reference), location=user.location)
         node = ResolvedFeature(user.reference, dict(user.options), options, definition, fetched.folder, fetched.digest)
         key = node.identity
         if key in self.nodes:
@@ -672,13 +703,16 @@ class _Graph:
         self.nodes[key] = node
         self.hard[key] = []
         where = f"dependsOn of the Feature {user.reference}"
-        for dependency in parse_user_features(definition.depends_on, config_file=self.config_file, where=where):
+        written = Location(definition.source, definition.positions, ("dependsOn",))
+        for dependency in parse_user_features(
+            definition.depends_on, config_file=self.config_file, where=where, location=written
+        ):
             if isinstance(dependency.reference, LocalReference) and not isinstance(user.reference, LocalReference):
-                raise _error(
-                    definition.source,
+                raise dependency.location.error(
                     f"{where}: {dependency.reference} is a local Feature; only local Features may depend on those",
+                    key=True,
                 )
-            self.hard[key].append(await self.add(dependency, node))
+            self.hard[key].append(await self.add(dependency))
         return key
 
     def _matching(self, resource: str) -> list[tuple[str, str, str]]:
@@ -698,14 +732,17 @@ class _Graph:
                     continue
                 edges[key].update(other for other in self._matching(resource) if other != key)
         priority: dict[tuple[str, str, str], int] = dict.fromkeys(self.nodes, 0)
+        where = "overrideFeatureInstallOrder"
         for index, text in enumerate(override_order):
-            where = "overrideFeatureInstallOrder"
-            matched = self._matching(_resource_of(text, config_file=self.config_file, where=where))
+            try:
+                matched = self._matching(_resource_of(text, config_file=self.config_file, where=where))
+            except ConfigError as exc:
+                raise self.config.error(exc.message, where, index) from None
             if not matched:
-                raise _error(self.config_file, f"{where}: {text!r} names none of the Features to install")
+                raise self.config.error(f"{where}: {text!r} names none of the Features to install", where, index)
             for key in matched:
                 priority[key] = max(priority[key], len(override_order) - index)
-        return _rounds(self.nodes, edges, priority, self.config_file)
+        return _rounds(self.nodes, edges, priority, self.config)
 
 
 def _tag_key(reference: FeatureReference) -> tuple[int, tuple[int, ...], str]:
@@ -736,7 +773,7 @@ def _rounds(
     nodes: Mapping[tuple[str, str, str], ResolvedFeature],
     edges: Mapping[tuple[str, str, str], set[tuple[str, str, str]]],
     priority: Mapping[tuple[str, str, str], int],
-    config_file: Path,
+    config: Location,
 ) -> list[ResolvedFeature]:
     installed: list[tuple[str, str, str]] = []
     done: set[tuple[str, str, str]] = set()
@@ -744,7 +781,7 @@ def _rounds(
     while worklist:
         ready = [key for key in worklist if edges[key] <= done]
         if not ready:
-            raise _error(config_file, _cycle_message(nodes, edges, worklist))
+            raise config.error(_cycle_message(nodes, edges, worklist), "features")
         top = max(priority[key] for key in ready)
         committed = sorted((key for key in ready if priority[key] == top), key=lambda key: _round_key(nodes[key]))
         installed.extend(committed)

@@ -35,8 +35,9 @@ from devyard.runner.images import reference as image_reference
 from devyard.runner.images import registry as image_registry
 from devyard.runner.images import unpack
 from devyard.runner.images.image import IdRange
+from devyard.runner.images.store import ImageStore
 
-__all__ = ["FeatureCache"]
+__all__ = ["MAX_FEATURE_SIZE", "FeatureCache", "features_root"]
 
 #: A Feature is scripts and small files; a bigger download is not one.
 MAX_FEATURE_SIZE = 256 << 20
@@ -47,6 +48,11 @@ _CHUNK = 1 << 20
 
 def _hex(digest: str) -> str:
     return digest.partition(":")[2]
+
+
+def features_root(state_dir: Path) -> Path:
+    """Where the runner keeps fetched Features: ``<state_dir>/features``."""
+    return state_dir / "features"
 
 
 class FeatureCache:
@@ -72,6 +78,14 @@ class FeatureCache:
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=True, transport=transport
         )
+
+    @classmethod
+    def for_store(
+        cls, store: ImageStore, root: Path, *, credentials: image_registry.Credentials | None = None
+    ) -> FeatureCache:
+        """A cache that reaches registries as ``store`` pulls images: its insecure registries, and its
+        credentials under the environment's ``credentials``."""
+        return cls(root, insecure=store.insecure, credentials={**store.credentials, **(credentials or {})})
 
     async def __aenter__(self) -> FeatureCache:
         return self
