@@ -31,13 +31,14 @@ import asyncio
 import logging
 import random
 from collections.abc import Coroutine, Iterable
+from functools import partial
 from typing import IO, Any
 
 import httpx
 
 from devyard import __version__
 from devyard.client import ApiError, AsyncClient, RetryPolicy, TransportError
-from devyard.runner import credentials, state_lock
+from devyard.runner import credentials, ssh_gateway, state_lock
 from devyard.runner.backoff import Backoff, BackoffPolicy
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.controller import Controller
@@ -115,6 +116,8 @@ class Agent:
         self.log_shipper: LogShipper | None = None
         #: The gateway, once it listens.
         self.gateway: Gateway | None = None
+        #: The SSH gateway, when ``ssh_listen`` is set; its ``last_activity`` is each environment's.
+        self.ssh_gateway: ssh_gateway.SshGateway | None = None
         self._report_soon = asyncio.Event()
         self._transport = transport
         self._retry = retry or RetryPolicy()
@@ -266,6 +269,14 @@ class Agent:
             ]
             if settings.gateway_listen:
                 loops.append(self._spawn(self._run_gateway(client, runner_id), "runner-gateway"))
+            if settings.ssh_listen:
+                access = ssh_gateway.SshAccess(
+                    runner_id, self._cached_environment, partial(ssh_gateway.server_authorized_keys, client)
+                )
+                self.ssh_gateway = ssh_gateway.SshGateway(
+                    self.runtime, access, listen=settings.ssh_listen, host_key_path=settings.ssh_host_key_path()
+                )
+                loops.append(self._spawn(self.ssh_gateway.serve(), "runner-ssh-gateway"))
             self._started.set()
             await _until_one_fails(loops)
         finally:

@@ -83,6 +83,12 @@ class RunnerSettings(BaseSettings):
     gateway_listen: str = "0.0.0.0:7481"
     #: The gateway's URL as users reach it; default: from ``gateway_listen`` and ``hostname``.
     gateway_url: str | None = None
+    #: Where the runner's SSH gateway (``ssh ENV_ID@HOST -p PORT``, scp, sftp) listens, ``HOST:PORT`` (port 0: any
+    #: free one); empty: no SSH gateway.
+    ssh_listen: str = ""
+    #: The SSH gateway's host key, made at the first start if missing (mode 0600); default:
+    #: ``<state_dir>/ssh_host_ed25519_key``.
+    ssh_host_key: Path | None = None
 
     #: The fake runtime: seconds per operation (``pull``, ``create``, ``start``, ``stop``, ``delete``,
     #: ``exec``, ``inspect``, ``list``).
@@ -99,6 +105,9 @@ class RunnerSettings(BaseSettings):
     def log_root(self) -> Path:
         """Where the environments' logs are written (``<id>/build.log``, ``lifecycle.log``, ``automations/``)."""
         return self.state_dir / "logs"
+
+    def ssh_host_key_path(self) -> Path:
+        return self.ssh_host_key or self.state_dir / "ssh_host_ed25519_key"
 
     def fake_state_path(self) -> Path | None:
         return self.state_dir / "fake-runtime.json" if self.fake_persist else None
