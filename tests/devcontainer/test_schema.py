@@ -64,7 +64,7 @@ def test_the_closest_alternative_is_reported() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('{"postCreateCommand": "x"}', 'a dev container needs "image", "build"'),
+        ('{"postCreateCommand": "x"}', 'a dev container needs "image" or "build"'),
         ('{"image": "x", "build": {"dockerfile": "D"}}', "not several"),
         ('{"image": 3}', "image: expected a string, found a number (3)"),
         ('{"image": "x", "init": "yes"}', 'init: expected true or false, found a string ("yes")'),

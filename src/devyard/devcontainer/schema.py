@@ -226,7 +226,7 @@ def _explain(error: ValidationError) -> Iterator[tuple[tuple[str | int, ...], st
     if kind == "required" and isinstance(value, Mapping):
         missing = [name for name in rule if name not in value]
         if not path and missing and missing[0] in ("image", "build", "dockerComposeFile", "dockerFile"):
-            yield path, 'a dev container needs "image", "build" (with a "dockerfile") or "dockerComposeFile"', False
+            yield path, 'a dev container needs "image" or "build" (with a "dockerfile")', False
             return
         for name in missing:
             yield path, f'{where}: the property "{name}" is required', False
@@ -235,7 +235,7 @@ def _explain(error: ValidationError) -> Iterator[tuple[tuple[str | int, ...], st
         yield path, 'give one of "image", "build" or "dockerComposeFile", not several', False
         return
     if kind == "oneOf" and not path:
-        yield path, 'a dev container needs "image", "build" (with a "dockerfile") or "dockerComposeFile"', False
+        yield path, 'a dev container needs "image" or "build" (with a "dockerfile")', False
         return
     if special is not None and kind in ("oneOf", "anyOf", "pattern", "type", "minimum", "maximum", "enum"):
         yield path, f"{where}: {special.format(value=_show(value))}", False
