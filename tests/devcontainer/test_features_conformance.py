@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from devyard.devcontainer.errors import ConfigError
 
 from devyard.devcontainer import features, jsonc
+from devyard.devcontainer.errors import ConfigError
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "devcontainer" / "cli-feature-configs"
 
@@ -167,8 +167,9 @@ def test_every_config_of_the_corpus_has_an_expectation() -> None:
 async def check(config_file: Path, text: str) -> list[tuple[str, dict[str, Any]]] | None:
     """The resolved order of a config's Features when every one is local, else ``None`` once its references
     parse."""
-    config = jsonc.parse(text, source=str(config_file))
-    users = features.parse_user_features(config.get("features", {}), config_file=config_file)
+    config, positions = jsonc.parse_with_positions(text, source=str(config_file))
+    where = features.Location(str(config_file), positions, ("features",))
+    users = features.parse_user_features(config.get("features", {}), config_file=config_file, location=where)
     if not all(isinstance(user.reference, features.LocalReference) for user in users):
         return None
     try:
@@ -177,6 +178,7 @@ async def check(config_file: Path, text: str) -> list[tuple[str, dict[str, Any]]
             config_file=config_file,
             source=features.LocalFeatureSource(),
             override_order=config.get("overrideFeatureInstallOrder", []),
+            positions=positions,
         )
     except ConfigError as exc:
         if "this check fetches nothing" in str(exc):
@@ -194,7 +196,10 @@ async def test_config(name: str) -> None:
     if isinstance(expectation, Fails):
         with pytest.raises(ConfigError) as raised:
             await check(config_file, config_file.read_text(encoding="utf-8"))
-        assert expectation.message in str(raised.value)
+        assert expectation.message in raised.value.message
+        # Each of these is a mistake in the devcontainer.json: the error says where.
+        assert raised.value.source == str(config_file)
+        assert raised.value.line is not None
         return
     result = await check(config_file, config_file.read_text(encoding="utf-8"))
     if isinstance(expectation, Order):

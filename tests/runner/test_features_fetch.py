@@ -5,6 +5,7 @@ is installed, to show that the Features' install.sh ran in order with their opti
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.server
 import json
@@ -111,6 +112,19 @@ async def test_an_oci_feature_is_fetched_verified_and_unpacked_once(registry: Re
         )
     # Tag and digest name the same manifest: with the same options it is one Feature.
     assert [(str(feature.reference), dict(feature.options)) for feature in resolved] == [(text, {"greeting": "hi"})]
+
+
+async def test_concurrent_fetches_of_one_feature_share_its_folder(registry: RegistryServer, tmp_path: Path) -> None:
+    text, _, layer_digest = push_feature(registry, tmp_path, "features/popular:1", feature_tar("popular"))
+    cache_root = tmp_path / "cache"
+    async with (
+        FeatureCache(cache_root, insecure={registry.host}) as first,
+        FeatureCache(cache_root, insecure={registry.host}) as second,
+    ):
+        results = await asyncio.gather(*(cache.fetch(reference_of(text)) for cache in (first, second, first)))
+    assert len(set(results)) == 1
+    assert sorted(path.name for path in cache_root.iterdir()) == [layer_digest.partition(":")[2]]
+    assert (results[0].folder / "install.sh").is_file()
 
 
 async def test_registry_credentials_are_those_of_image_pulls(basic_registry: RegistryServer, tmp_path: Path) -> None:

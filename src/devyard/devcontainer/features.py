@@ -684,10 +684,10 @@ class _Graph:
             fetched = await self.source.fetch(reference)
             definition = load_definition(fetched.folder, name=str(reference))
             if isinstance(reference, LocalReference) and definition.id != reference.folder.name:
-                raise _error(
-                    definition.source,
+                raise Location(definition.source, definition.positions).error(
                     f"the local Feature {reference} has the id {definition.id!r}: a local Feature's folder must be "
                     "named after its id",
+                    "id",
                 )
             found = self.fetched[reference] = (fetched, definition)
         return found
