@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
+import select
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 import urllib.request
@@ -428,3 +432,49 @@ def test_many_connections_at_once_leave_the_gateway_serving(world: World) -> Non
     finally:
         for sock in idle:
             sock.close()
+
+
+def set_size(terminal: int, rows: int, columns: int) -> None:
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+def read_until(terminal: int, wanted: bytes, timeout: float = 30) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        assert time.monotonic() < deadline, f"timed out waiting for {wanted!r}; saw {seen!r}"
+        ready, _, _ = select.select([terminal], [], [], 0.2)
+        if ready:
+            with contextlib.suppress(OSError):
+                seen += os.read(terminal, 4096)
+    return seen
+
+
+def test_a_terminal_follows_the_clients_window_and_ctrl_c_interrupts(world: World) -> None:
+    """``ssh -t`` run in a terminal of its own, as a user runs it: its window size reaches the session at the
+    start and when it changes (SIGWINCH), and ^C typed there interrupts the command inside."""
+    _, key, _ = world.user("alice")
+    env_id = world.environment(world.users["alice"][0])
+    master, slave = os.openpty()
+    set_size(master, 30, 100)
+    command = "stty size; read x; stty size; sleep 1003; echo after-sleep"
+    argv = [*world.ssh_argv(key, env_id, "-t"), f"{env_id}@127.0.0.1", command]
+    client = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    try:
+        read_until(master, b"30 100")
+        set_size(master, 40, 120)
+        client.send_signal(signal.SIGWINCH)
+        time.sleep(0.5)  # the window change travels before the line that asks for the size
+        os.write(master, b"go\r")
+        read_until(master, b"40 120")
+        pid1 = world.pid1(env_id)
+        wait_for(lambda: any("sleep 1003" in p for p in processes_in(pid1)), "the sleep")
+        os.write(master, b"\x03")
+        client.wait(30)
+        assert not any("sleep 1003" in p for p in processes_in(pid1))
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(10)
+        os.close(master)
