@@ -114,18 +114,27 @@ class LogShipper:
 
     async def run(self) -> None:
         """Ship forever; never raises but ``CancelledError``. Unreachable servers are waited out."""
-        while True:
-            try:
-                await self.ship_pending()
-                self._backoff.reset()
-                delay = self.poll_interval
-            except TransportError as exc:
-                delay = self._backoff.next_delay()
-                log.warning("cannot ship logs (%s); again in %.1fs", exc, delay)
-            except Exception:
-                delay = self._backoff.next_delay()
-                log.exception("shipping logs failed; again in %.1fs", delay)
-            await self.clock.sleep(delay)
+        try:
+            while True:
+                try:
+                    await self.ship_pending()
+                    self._backoff.reset()
+                    delay = self.poll_interval
+                except TransportError as exc:
+                    delay = self._backoff.next_delay()
+                    log.warning("cannot ship logs (%s); again in %.1fs", exc, delay)
+                except Exception:
+                    delay = self._backoff.next_delay()
+                    log.exception("shipping logs failed; again in %.1fs", delay)
+                await self.clock.sleep(delay)
+        finally:
+            # Stopped (the runner stops): keep what the last pass shipped, so the next runner does not send it
+            # again. A killed runner loses at most one pass, which the server then skips as already stored.
+            if self._loaded:
+                try:
+                    self._save()
+                except OSError as exc:
+                    log.warning("cannot keep what was shipped in %s: %s", self.log_root / STATE_FILE, exc)
 
     def forget(self, environment_id: str) -> None:
         """Ship no more of the environment's files (it was deleted); its record goes with its directory."""
