@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,11 @@ from devyard.runner.errors import PermanentError
 from devyard.runner.images import builder
 from devyard.runner.images.builder import BuildFailed, BuildSpec, Built
 from devyard.runner.images.store import ImageStore
+from devyard.runner.linux import cgroups
 from support import images as images_support
+from support.registry import RegistryServer
+
+from .conftest import ID_RANGE
 
 pytestmark = pytest.mark.slow
 
@@ -229,3 +234,84 @@ def test_the_key_follows_dockerignore_exceptions_and_the_options(tmp_path: Path)
     (context / "logs" / "keep.log").write_text("changed")
     assert key() != before
     assert key(("--no-cache",)) != key()
+
+
+_CHILD = """
+import asyncio, sys
+from pathlib import Path
+from devyard.runner.images.builder import BuildSpec, build
+from devyard.runner.images.image import IdRange
+from devyard.runner.images.store import ImageStore
+from devyard.runner.linux import cgroups
+
+async def main() -> None:
+    store_root, registry, context, builds = sys.argv[1:]
+    store = ImageStore(Path(store_root), id_range=IdRange({start}, {size}), insecure={{registry}})
+    spec = BuildSpec(Path(context), Path(context) / "Dockerfile")
+    await build(store, Path(builds), spec, output=lambda line: print(line, flush=True))
+
+asyncio.run(main())
+"""
+
+
+def processes_running(argv: bytes) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes() == argv:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+async def test_a_killed_runner_leaves_no_processes_and_the_next_build_of_the_key_starts_clean(
+    store: ImageStore, registry: RegistryServer, busybox_image: str, builds: Path, tmp_path: Path
+) -> None:
+    # 631: a sleep no other test runs, so that a survivor of the kill is recognisable.
+    context = context_with(tmp_path, f"FROM {busybox_image}\nRUN echo started && sleep 631\n")
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CHILD.format(start=ID_RANGE.start, size=ID_RANGE.size),
+        str(store.root),
+        registry.host,
+        str(context),
+        str(builds),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    async for line in child.stdout:
+        if line.strip() == b"started":
+            break
+    child.kill()
+    await child.wait()
+    (work,) = (builds / "work").iterdir()  # what the kill left
+    (work / "left-by-the-killed-build").write_text("")
+
+    async with asyncio.timeout(60):  # the RUN step would live for 631 s if the kill did not reach it
+        while processes_running(b"sleep\x00631\x00"):  # noqa: ASYNC110 (nothing to wait on but /proc)
+            await asyncio.sleep(0.1)
+
+    seen: list[str] = []
+    started = asyncio.Event()
+
+    def watch(line: str) -> None:
+        seen.append(line)
+        if line == "started":
+            started.set()
+
+    again = asyncio.ensure_future(
+        builder.build(store, builds, BuildSpec(context, context / "Dockerfile"), output=watch)
+    )
+    await started.wait()
+    assert not (work / "left-by-the-killed-build").exists()
+    assert (work / "root").is_dir()
+    again.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await again
+    assert build_names(store) == []
+    # Neither build left a control group (runc had no chance to remove them).
+    relative = builder._cgroup_parent(work).lstrip("/")
+    assert [hierarchy for hierarchy in cgroups.hierarchies() if (hierarchy / relative).exists()] == []

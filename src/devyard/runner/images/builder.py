@@ -56,6 +56,7 @@ from devyard.runner.errors import PermanentError, TemporaryError
 from devyard.runner.images.reference import LOCAL_REGISTRY, InvalidReference, Reference, parse_reference
 from devyard.runner.images.registry import Credentials, RegistryClient
 from devyard.runner.images.store import ImageStore, bootstrappable
+from devyard.runner.linux import cgroups
 
 __all__ = [
     "ACCEPTED_OPTIONS",
@@ -87,6 +88,7 @@ _TAIL_LINES = 30
 _STEP = re.compile(r"^(?:\[\d+/\d+\] )?STEP \d+/\d+: ")
 _STOP_GRACE = 10.0
 _LOCK_POLL = 0.1
+_CGROUP_PARENT = "devyard-builds"
 #: Environment variables by which the host's settings would reach buildah; a build uses only its own.
 _FOREIGN_SETTINGS = ("BUILDAH_", "CONTAINERS_", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "STORAGE_")
 _REFUSED_REASONS = {
@@ -528,9 +530,23 @@ class _Run:
             str(work / "registries.conf"),
             *arguments,
         ]
-        # If the runner dies, buildah goes too (and the next build of the key cleans up after it).
-        setpriv = shutil.which("setpriv")
-        return [setpriv, "--pdeathsig", "KILL", *command] if setpriv else command
+        # buildah runs as PID 1 of its own PID namespace, so that when it dies everything it started (runc, the
+        # RUN step's processes) dies with it, and in its own mount namespace, so that its mounts go too; and it
+        # dies when the runner does (the parent-death signal of unshare, which then kills its child). A killed
+        # runner thus leaves only files, which the next build of the key removes.
+        return [
+            "setpriv",
+            "--pdeathsig",
+            "KILL",
+            "unshare",
+            "--pid",
+            "--mount",
+            "--propagation",
+            "private",
+            "--mount-proc",
+            "--kill-child=SIGKILL",
+            *command,
+        ]
 
     def environment(self) -> dict[str, str]:
         work = self.work
@@ -597,8 +613,26 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
+def _cgroup_parent(work: Path) -> str:
+    """The control group under which a build's RUN steps run: one per build directory (so per runner and key),
+    absolute (see ``linux.cgroups``), so that what a killed build left can be found and removed."""
+    return f"/{_CGROUP_PARENT}/{hashlib.sha256(str(work).encode()).hexdigest()[:24]}"
+
+
+def _clear_cgroups(work: Path) -> None:
+    relative = _cgroup_parent(work).lstrip("/")
+    groups = [hierarchy / relative for hierarchy in cgroups.hierarchies() if (hierarchy / relative).is_dir()]
+    for group in groups:
+        cgroups.kill_cgroup(group)
+    left = set(groups) - set(cgroups.remove_cgroup(groups))
+    if left:
+        log.warning("control groups of the build in %s still hold processes: %s", work, sorted(left))
+
+
 async def _clear(work: Path) -> None:
-    """Remove a build's directory: its containers (buildah's own cleanup), then its mounts, then its files."""
+    """Remove a build's directory: its containers (buildah's own cleanup), its control groups (the processes a
+    killed build left), its mounts, then its files."""
+    await asyncio.to_thread(_clear_cgroups, work)
     if not await asyncio.to_thread(os.path.lexists, work):
         return
     if await asyncio.to_thread(os.path.exists, work / "storage.conf"):
@@ -717,6 +751,8 @@ async def _build(
     network = "none" if options.no_network or network_namespace is None else f"ns:{network_namespace}"
     arguments = [
         "bud",
+        "--cgroup-parent",
+        _cgroup_parent(run.work),
         "--signature-policy",
         str(run.policy),
         "--pull=never",
