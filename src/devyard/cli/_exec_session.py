@@ -1,14 +1,15 @@
-"""The client side of the runner gateway's exec protocol (``devyard.runner.gateway``), for ``devyard env exec``.
+"""The client side of the runner gateway's exec protocol (``devyard.runner.gateway``), for ``devyard env exec`` and
+``devyard env create ... -- CMD``.
 
 ``run_session`` connects to the gateway with a ticket, sends the command, and attaches this process's terminal
 or streams to it until the command exits; it returns the command's exit code. With a TTY the local terminal is
-put in raw mode (restored on every way out) and window size changes (SIGWINCH) are sent as resizes. Imported only
-by that command: it pulls in ``websockets``.
+put in raw mode (restored on every way out) and window size changes (SIGWINCH) are sent as resizes.
 
-It speaks through websockets' blocking client (``websockets.sync``) with a thread per input (stdin, resizes)
-beside the main thread, which receives: neither asyncio nor the pydantic wire models are imported, because
-``env exec`` must start fast (they cost it about a tenth of a second). The messages are plain JSON, as the
-gateway's module docstring describes them (``ExecStart`` in ``devyard.wire.access`` is their schema).
+It speaks through ``devyard.client``'s own blocking WebSocket client (``_connections.open_websocket``, a plain
+socket) with a thread per input (stdin, resizes) beside the main thread, which receives: neither asyncio, the
+``websockets`` package nor the pydantic wire models are imported, because these commands must start fast (they
+cost them about 0.15 s together). The messages are plain JSON, as the gateway's module docstring describes them
+(``ExecStart`` in ``devyard.wire.access`` is their schema).
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ from types import FrameType
 from typing import Any, Final
 
 import click
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.sync.client import ClientConnection, connect
 
-__all__ = ["GatewayAccess", "GatewayFailure", "SessionOptions", "exec_url", "run_session"]
+from devyard.client import _connections
+from devyard.client._connections import WebSocket, WebSocketClosed
+
+__all__ = ["GatewayAccess", "GatewayFailure", "SessionOptions", "exec_url", "run_session", "wants_tty"]
 
 _STDIN, _STDOUT, _STDERR = 0, 1, 2
 _READ_CHUNK: Final = 32 * 1024
+#: How long the gateway may take to accept the connection and the upgrade.
+_OPEN_TIMEOUT: Final = 30.0
+#: After the exit code, how long to wait for the gateway's close before closing anyway.
+_CLOSE_TIMEOUT: Final = 2.0
 
 
 class GatewayFailure(click.ClickException):
@@ -67,6 +73,13 @@ class SessionOptions:
     env: Mapping[str, str]
     cwd: str | None = None
     user: str | None = None
+
+
+def wants_tty(choice: str | None) -> bool:
+    """``-t`` (``"yes"``), ``-T`` (``"no"``), or by default: a terminal when stdin and stdout are terminals."""
+    if choice is not None:
+        return choice == "yes"
+    return os.isatty(sys.stdin.fileno()) and os.isatty(sys.stdout.fileno())
 
 
 def exec_url(access: GatewayAccess) -> str:
@@ -125,7 +138,10 @@ def _session(access: GatewayAccess, options: SessionOptions, stdin_fd: int, stdo
     connection = _connect(access)
     resizing = size is not None and threading.current_thread() is threading.main_thread()
     with connection:
-        connection.send(json.dumps(start))
+        try:
+            connection.send_text(json.dumps(start))
+        except WebSocketClosed:
+            raise GatewayFailure("the gateway closed the session before the command started") from None
         threading.Thread(
             target=_send_stdin, args=(connection, stdin_fd), name="devyard-exec-stdin", daemon=True
         ).start()
@@ -133,25 +149,22 @@ def _session(access: GatewayAccess, options: SessionOptions, stdin_fd: int, stdo
             return _receive(connection)
 
 
-def _connect(access: GatewayAccess) -> ClientConnection:
+def _connect(access: GatewayAccess) -> WebSocket:
     try:
-        return connect(
+        return _connections.open_websocket(
             exec_url(access),
-            additional_headers={"Authorization": f"Bearer {access.ticket}"},
-            compression=None,
+            {"Authorization": f"Bearer {access.ticket}"},
+            timeout=_OPEN_TIMEOUT,
             max_size=1024 * 1024,
-            open_timeout=30,
-            legacy=True,  # a connection, not a reconnecting iterator: a session is not started twice
         )
-    except InvalidStatus as exc:
-        reason = exc.response.body.decode(errors="replace").strip() if exc.response.body else ""
-        raise GatewayFailure(f"the gateway refused the session ({exc.response.status_code}): {reason}") from None
-    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+    except _connections.WebSocketRefused as exc:
+        raise GatewayFailure(f"the gateway refused the session ({exc.status}): {exc.body or exc.reason}") from None
+    except (_connections.NoAnswer, ValueError) as exc:
         raise GatewayFailure(f"cannot reach the gateway at {access.gateway_url}: {exc}") from None
 
 
 @contextlib.contextmanager
-def _resizes_sent(connection: ClientConnection, fd: int) -> Iterator[None]:
+def _resizes_sent(connection: WebSocket, fd: int) -> Iterator[None]:
     """Send the terminal's size on every SIGWINCH. The handler only writes a byte to a pipe: it runs in the main
     thread, which may be inside the connection's ``recv`` at the time; a thread of its own does the sending."""
     wake_read, wake_write = os.pipe()
@@ -166,8 +179,8 @@ def _resizes_sent(connection: ClientConnection, fd: int) -> Iterator[None]:
             while os.read(wake_read, 64):  # empty once the session closed the write end
                 size = _terminal_size(fd)
                 if size is not None:
-                    with contextlib.suppress(ConnectionClosed):
-                        connection.send(json.dumps({"resize": list(size)}))
+                    with contextlib.suppress(WebSocketClosed):
+                        connection.send_text(json.dumps({"resize": list(size)}))
         finally:
             os.close(wake_read)
 
@@ -180,10 +193,11 @@ def _resizes_sent(connection: ClientConnection, fd: int) -> Iterator[None]:
         os.close(wake_write)
 
 
-def _receive(connection: ClientConnection) -> int:
+def _receive(connection: WebSocket) -> int:
     stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
     try:
-        for message in connection:
+        while True:
+            message = connection.receive()
             if isinstance(message, bytes):
                 if not message:
                     continue
@@ -194,15 +208,21 @@ def _receive(connection: ClientConnection) -> int:
                 continue
             control: Any = json.loads(message)
             if "exit" in control:
-                return int(control["exit"])
+                code = int(control["exit"])
+                # The gateway closes right after the exit code; answering its close lets it end cleanly.
+                with contextlib.suppress(WebSocketClosed):
+                    connection.receive(timeout=_CLOSE_TIMEOUT)
+                return code
             if "error" in control:
                 raise GatewayFailure(str(control["error"]))
-    except ConnectionClosed:
-        pass
-    raise GatewayFailure("the gateway closed the session before the command exited")
+    except WebSocketClosed as exc:
+        detail = f" ({exc.code}{': ' + exc.reason if exc.reason else ''})" if exc.code != 1000 else ""
+        raise GatewayFailure(f"the gateway closed the session before the command exited{detail}") from None
+    except ValueError as exc:  # a control message that is not JSON
+        raise GatewayFailure(f"the gateway sent a message this client does not understand: {exc}") from None
 
 
-def _send_stdin(connection: ClientConnection, fd: int) -> None:
+def _send_stdin(connection: WebSocket, fd: int) -> None:
     """Stream stdin as it comes; at its end, tell the gateway. Runs in a thread of its own (stdin may be a
     terminal, a pipe or a file); each chunk is sent before the next is read, so no more is read than is sent."""
     try:
@@ -212,8 +232,8 @@ def _send_stdin(connection: ClientConnection, fd: int) -> None:
             except OSError:
                 data = b""
             if not data:
-                connection.send(json.dumps({"close_stdin": True}))
+                connection.send_text(json.dumps({"close_stdin": True}))
                 return
-            connection.send(bytes([_STDIN]) + data)
-    except ConnectionClosed:
+            connection.send_binary(bytes([_STDIN]) + data)
+    except WebSocketClosed:
         return  # the session ended

@@ -7,7 +7,10 @@ asks the management plane for an access ticket and runs the command through the 
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -73,7 +76,26 @@ def _content_json(context: str, ref: str | None) -> dict[str, Any]:
     return {"local_path": str(folder.resolve())}
 
 
-@env.command("create")
+#: Where ``_CreateCommand`` leaves the words after ``--`` for ``create_environment``.
+_COMMAND_AFTER_DASHES: Final = "devyard.command"
+
+
+class _CreateCommand(click.Command):
+    """``env create``: the words after ``--`` are the command to run in the environment, never CONTEXT (click
+    would hand the first of them to the optional CONTEXT argument)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            at = args.index("--")
+            ctx.meta[_COMMAND_AFTER_DASHES] = tuple(args[at + 1 :])
+            args = args[:at]
+        return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [*super().collect_usage_pieces(ctx), "[-- COMMAND [ARG]...]"]
+
+
+@env.command("create", cls=_CreateCommand)
 @click.argument("context", required=False)
 @click.option("--name", help="A name (lower-case letters, digits, '.', '_', '-'); default: generated.")
 @click.option("--class", "class_ref", metavar="CLASS", help="Environment class id or name; default: the default class.")
@@ -86,6 +108,14 @@ def _content_json(context: str, ref: str | None) -> dict[str, Any]:
     "--env", "variables", type=KEY_VALUE, multiple=True, metavar="KEY=VALUE", help="Set a variable (repeatable)."
 )
 @wait_options
+@click.option("--rm", "remove", is_flag=True, help="With a COMMAND: delete the environment once it exited.")
+@click.option(
+    "-t", "--tty", "tty", flag_value="yes", help="With a COMMAND: give it a terminal (default: when stdin and "
+    "stdout are terminals)."
+)  # fmt: skip
+@click.option("-T", "--no-tty", "tty", flag_value="no", help="With a COMMAND: give it no terminal.")
+@click.option("-w", "--workdir", metavar="DIR", help="With a COMMAND: its working directory inside.")
+@click.option("-u", "--user", metavar="USER", help="With a COMMAND: the user inside (a name, a uid or uid:gid).")
 @api_command
 def create_environment(
     invocation: Invocation,
@@ -100,12 +130,30 @@ def create_environment(
     variables: tuple[tuple[str, str], ...],
     wait: bool,
     wait_timeout: float,
+    remove: bool,
+    tty: str | None,
+    workdir: str | None,
+    user: str | None,
 ) -> None:
     """Create an environment from CONTEXT: a git URL or a local folder (on a desktop runner); or, with --image
-    and no CONTEXT, an environment of that image with no content at all."""
+    and no CONTEXT, an environment of that image with no content at all.
+
+    With a COMMAND after --, wait until the environment runs, then run the command in it as `env exec` does
+    (its output as it comes, stdin passed on, a terminal when this one has one) and exit with its exit code:
+    devyard env create --image busybox -- sh -c 'echo hi'. The environment stays unless --rm is given. Failures
+    of the session itself (refused, unreachable, cut off) exit with 255.
+    """
     from devyard.cli._references import resolve_id
     from devyard.client import ApiError
 
+    command: tuple[str, ...] | None = click.get_current_context().meta.get(_COMMAND_AFTER_DASHES)
+    if command is not None:
+        _check_command(invocation, command)
+    else:
+        given = [flag for flag, value in (("--rm", remove), ("-t/-T", tty), ("-w", workdir), ("-u", user)) if value]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise click.UsageError(f"{', '.join(given)} {verb} with a COMMAND only: put it after --")
     if context is None and image is None:
         raise click.UsageError("give a CONTEXT (a git URL or a folder), or --image REF for an environment without one")
     if context is None and ref is not None:
@@ -132,10 +180,89 @@ def create_environment(
         if exc.status == 422:
             _validate_create(name, spec)
         raise
+    if command is not None:
+        session = _Session(command, tty, workdir, user)
+        raise SystemExit(_run_in_created(invocation, created, session, wait_timeout, remove=remove))
     if wait:
         wait_and_emit(invocation, created, "running", wait_timeout, "Environment {id} is running.")
     else:
         invocation.emit(created, lambda data: _summary(data, "Created environment {id}."))
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What ``env create ... -- COMMAND`` runs once the environment runs."""
+
+    argv: tuple[str, ...]
+    tty: str | None
+    workdir: str | None
+    user: str | None
+
+
+def _check_command(invocation: Invocation, command: tuple[str, ...]) -> None:
+    if not command:
+        raise click.UsageError("give the command to run after --, or leave -- out")
+    if invocation.json:
+        raise click.UsageError("-o json does not apply with a COMMAND: what it prints is the command's own output")
+
+
+def _run_in_created(
+    invocation: Invocation, created: dict[str, Any], session: _Session, wait_timeout: float, *, remove: bool
+) -> int:
+    """Wait until the just created environment runs, run the command in it, and return its exit code; with
+    ``remove``, delete the environment afterwards, however it went."""
+    import sys
+
+    from devyard.cli._exec_session import GatewayAccess, SessionOptions, run_session, wants_tty
+    from devyard.cli._waiting import wait_for_environment
+
+    environment_id = created["metadata"]["id"]
+    path = f"/api/v1/environments/{environment_id}"
+    try:
+        # A spinner only for people: rich costs the command more to import than the rest of its start.
+        interactive = sys.stderr.isatty()
+        with invocation.progress(f"Waiting for {environment_id}") if interactive else _no_progress() as update:
+            wait_for_environment(
+                invocation.client(),
+                environment_id,
+                "running",
+                timeout=wait_timeout,
+                on_change=_progress_text(update),
+                written=created,
+            )
+        # The ticket is asked for the moment the environment runs: the server gives none before.
+        access = GatewayAccess.from_answer(invocation.client().post(path + "/access"))
+        if interactive and not remove:
+            name = created["metadata"].get("name") or environment_id
+            click.echo(f"Environment {name} ({environment_id}) is running; it stays after the command.", err=True)
+        options = SessionOptions(
+            argv=session.argv, tty=wants_tty(session.tty), env={}, cwd=session.workdir, user=session.user
+        )
+        invocation.close()  # the session may last long; the API connection is not needed meanwhile
+        return run_session(access, options)
+    finally:
+        if remove:
+            _delete_quietly(invocation, environment_id)
+
+
+@contextlib.contextmanager
+def _no_progress() -> Iterator[Any]:
+    yield lambda _: None
+
+
+def _delete_quietly(invocation: Invocation, environment_id: str) -> None:
+    """``--rm``: delete the environment; a failure is said on stderr, the command's exit code still counts."""
+    from devyard.cli._invocation import describe_api_error
+    from devyard.client import ApiError, TransportError
+
+    try:
+        invocation.client().delete(f"/api/v1/environments/{environment_id}")
+    except ApiError as exc:
+        if not exc.is_not_found:
+            message = describe_api_error(exc, has_token=invocation.token is not None)
+            click.echo(f"Error: could not delete environment {environment_id}: {message}", err=True)
+    except TransportError as exc:
+        click.echo(f"Error: could not delete environment {environment_id}: {exc}", err=True)
 
 
 def _validate_create(name: str | None, spec: dict[str, Any]) -> None:
