@@ -16,7 +16,8 @@ means the container's ``/etc``, never the host's, and the user's permissions app
 inside. The module uses the standard library only, all imported before step 2: the host's Python files are not
 visible from inside.
 
-``setns`` is also what ``ssh_gateway`` uses to open sockets inside a container's network namespace.
+``setns`` is also what ``ssh_gateway`` uses to open sockets inside a container's network namespace, and
+``host_ids`` gives it the host's ids of a user inside, for the agent socket it makes there.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO, Final
 
-__all__ = ["CLONE_NEWNET", "setns", "worker_argv"]
+__all__ = ["CLONE_NEWNET", "host_ids", "setns", "worker_argv"]
 
 CLONE_NEWNS: Final = 0x00020000
 CLONE_NEWUSER: Final = 0x10000000
@@ -398,15 +399,15 @@ class _Server:
 # The worker.
 
 
-def _lookup_user(user: str) -> tuple[int, int, list[int], bytes]:
-    """(uid, gid, supplementary groups, home) of ``user`` from this root's passwd and group files."""
+def _lookup_user(user: str, root: str = "") -> tuple[int, int, list[int], bytes]:
+    """(uid, gid, supplementary groups, home) of ``user`` from the passwd and group files under ``root``."""
     name, _, group = user.partition(":")
     uid: int | None = None
     gid, home, login = 0, b"/", ""
 
     def rows(path: str) -> list[list[str]]:
         try:
-            with open(path, encoding="utf-8", errors="replace") as file:
+            with open(root + path, encoding="utf-8", errors="replace") as file:
                 return [line.rstrip("\n").split(":") for line in file]
         except OSError:
             return []
@@ -419,18 +420,34 @@ def _lookup_user(user: str) -> tuple[int, int, list[int], bytes]:
             break
     if uid is None:
         if not name.isdigit():
-            raise SystemExit(f"no user {name!r} in the container's /etc/passwd")
+            raise OSError(f"no user {name!r} in the container's /etc/passwd")
         uid = int(name)
     groups = rows("/etc/group")
     if group:
         matches = [int(f[2]) for f in groups if len(f) >= 3 and f[2].isdigit() and group in (f[0], f[2])]
         if not matches and not group.isdigit():
-            raise SystemExit(f"no group {group!r} in the container's /etc/group")
+            raise OSError(f"no group {group!r} in the container's /etc/group")
         gid = matches[0] if matches else int(group)
     supplementary = sorted(
         {int(f[2]) for f in groups if len(f) >= 4 and f[2].isdigit() and login and login in f[3].split(",")} - {gid}
     )
     return uid, gid, supplementary, home
+
+
+def host_ids(pid: int, user: str) -> tuple[int, int]:
+    """The host's uid and gid of ``user`` (as ``worker_argv`` takes it) in the container whose PID 1 is ``pid``:
+    for files the runner makes inside from outside, such as the SSH agent's socket."""
+    uid, gid, _, _ = _lookup_user(user or _pid1_user(pid), f"/proc/{pid}/root")
+    return _to_host(pid, "uid_map", uid), _to_host(pid, "gid_map", gid)
+
+
+def _to_host(pid: int, map_name: str, inside: int) -> int:
+    with open(f"/proc/{pid}/{map_name}") as mapping:
+        for line in mapping:
+            first, lower, count = (int(field) for field in line.split())
+            if first <= inside < first + count:
+                return lower + inside - first
+    raise OSError(f"id {inside} is not mapped in the user namespace of pid {pid}")
 
 
 def _pid1_user(pid: int) -> str:

@@ -22,7 +22,9 @@ SIGKILL), so nothing is left running inside.
 
 SFTP (and ``scp``, which speaks SFTP) is served by a ``container_files`` worker inside the container's user and
 mount namespaces, as the remote user. Local forwarding (``ssh -L``) opens its connection from a thread inside the
-container's network namespace, so services bound to 127.0.0.1 inside are reachable. Both need the linux runtime.
+container's network namespace, so services bound to 127.0.0.1 inside are reachable. Agent forwarding (``ssh -A``)
+gives the session a socket inside the environment (``SSH_AUTH_SOCK``), owned by the session's user, relayed to the
+client's agent and removed with the session. These three need the linux runtime.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import time
@@ -178,7 +181,9 @@ class SshGateway:
             gss_host=None,
             x509_trusted_certs=None,
             allow_scp=False,
-            agent_forwarding=False,
+            # asyncssh then also listens in a private directory of the runner's host; sessions use their own socket
+            # inside the environment instead (``_AgentSocket``).
+            agent_forwarding=True,
             x11_forwarding=False,
             login_timeout=30,
             keepalive_interval=30,
@@ -347,6 +352,7 @@ class _Session(asyncssh.SSHServerSession[bytes]):
         self._gone = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._steps: set[asyncio.Future[None]] = set()
+        self._agent: _AgentSocket | None = None
 
     # asyncssh's callbacks.
 
@@ -432,6 +438,8 @@ class _Session(asyncssh.SSHServerSession[bytes]):
                 channel.exit(255)
         finally:
             self._gateway.track(self, False)
+            if self._agent is not None:
+                self._agent.close()
 
     async def _start(self) -> ExecProcess:
         runtime, environment_id = self._gateway.runtime, self._environment_id
@@ -441,6 +449,11 @@ class _Session(asyncssh.SSHServerSession[bytes]):
         env = accepted_env(self._channel.get_environment() if self._channel is not None else {})
         env["SSH_CONNECTION"] = f"{self._peer[0]} {self._peer[1]} {self._local[0]} {self._local[1]}"
         env["SSH_CLIENT"] = f"{self._peer[0]} {self._peer[1]} {self._local[1]}"
+        connection = self._channel.get_connection() if self._channel is not None else None
+        if isinstance(connection, asyncssh.SSHServerConnection) and connection.get_agent_path() is not None:
+            self._agent = await _AgentSocket.open(runtime, environment_id, connection)
+            if self._agent is not None:
+                env["SSH_AUTH_SOCK"] = self._agent.path
         argv = ["/bin/sh", "-c", _LAUNCH, "sh"] + ([self._command] if self._command is not None else [])
         size = None
         if self._terminal is not None:
@@ -571,6 +584,99 @@ def _process_table() -> dict[int, tuple[int, int, int]]:
             continue
         table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[3]))
     return table
+
+
+class _AgentSocket:
+    """A socket inside the environment that the session's ``SSH_AUTH_SOCK`` names: each connection to it is relayed
+    to the client's agent over the SSH connection. It lives in a directory of its own under the container's /tmp
+    (0700, the session user's; made from outside through ``/proc/PID/root`` without following symlinks) and is
+    removed when the session ends."""
+
+    def __init__(self, server: asyncio.AbstractServer, tmp: int, directory: int, name: str) -> None:
+        self._server = server
+        self._tmp = tmp
+        self._directory = directory
+        self._name = name
+        self.path = f"/tmp/{name}/agent.sock"
+
+    @classmethod
+    async def open(
+        cls, runtime: Runtime, environment_id: str, connection: asyncssh.SSHServerConnection
+    ) -> _AgentSocket | None:
+        try:
+            pid, user = await _container_entry(runtime, environment_id)
+            uid, gid = container_files.host_ids(pid, user)
+        except OSError as exc:
+            log.info("no agent forwarding in %s: %s", environment_id, exc)
+            return None
+        name = f"ssh-devyard-{secrets.token_hex(8)}"
+        root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            tmp = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+        except OSError as exc:
+            log.info("no agent forwarding in %s: no /tmp: %s", environment_id, exc)
+            return None
+        finally:
+            os.close(root)
+        directory = -1
+        try:
+            os.mkdir(name, 0o700, dir_fd=tmp)
+            directory = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=tmp)
+
+            async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await _relay_agent(connection, reader, writer)
+
+            server = await asyncio.start_unix_server(relay, path=f"/proc/self/fd/{directory}/agent.sock")
+            os.chown("agent.sock", uid, gid, dir_fd=directory, follow_symlinks=False)
+            os.fchown(directory, uid, gid)
+        except OSError as exc:
+            log.info("no agent forwarding in %s: %s", environment_id, exc)
+            if directory >= 0:
+                os.close(directory)
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=tmp)
+            os.close(tmp)
+            return None
+        return cls(server, tmp, directory, name)
+
+    def close(self) -> None:
+        self._server.close()
+        # Without following links: the user owns the directory and may have put anything there.
+        with contextlib.suppress(OSError):
+            os.unlink("agent.sock", dir_fd=self._directory)
+        with contextlib.suppress(OSError):
+            os.rmdir(self._name, dir_fd=self._tmp)
+        os.close(self._directory)
+        os.close(self._tmp)
+
+
+async def _relay_agent(
+    connection: asyncssh.SSHServerConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    try:
+        agent_reader, agent_writer = await connection.open_agent_connection()
+    except (asyncssh.Error, OSError):
+        writer.close()
+        return
+
+    async def inward() -> None:
+        while data := await reader.read(_READ_CHUNK):
+            agent_writer.write(data)
+            await agent_writer.drain()
+        agent_writer.write_eof()
+
+    async def outward() -> None:
+        while data := await agent_reader.read(_READ_CHUNK):
+            writer.write(data)
+            await writer.drain()
+
+    try:
+        await asyncio.gather(inward(), outward())
+    except (ConnectionError, asyncssh.Error, OSError):
+        pass
+    finally:
+        agent_writer.close()
+        writer.close()
 
 
 async def _container_entry(runtime: Runtime, environment_id: str) -> tuple[int, str]:

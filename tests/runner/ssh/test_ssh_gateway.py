@@ -478,3 +478,42 @@ def test_a_terminal_follows_the_clients_window_and_ctrl_c_interrupts(world: Worl
             client.kill()
             client.wait(10)
         os.close(master)
+
+
+def test_agent_forwarding_gives_the_session_a_socket_inside_that_reaches_the_clients_agent(
+    world: World, tmp_path: Path
+) -> None:
+    _, key, _ = world.user("alice")
+    env_id = world.environment(world.users["alice"][0])
+    agent_dir = tmp_path / "agent"
+    agent_dir.mkdir(mode=0o700)
+    agent_socket = agent_dir / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(agent_socket)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(agent_socket.exists, "ssh-agent")
+        environment = {**os.environ, "SSH_AUTH_SOCK": str(agent_socket)}
+        subprocess.run(["ssh-add", "-q", str(key)], env=environment, check=True, capture_output=True)
+        argv = [*world.ssh_argv(key, env_id, "-A"), f"{env_id}@127.0.0.1", 'echo "$SSH_AUTH_SOCK"; read x']
+        session = subprocess.Popen(
+            argv, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert session.stdout is not None and session.stdin is not None
+        inside = session.stdout.readline().decode().strip()
+        assert inside.startswith("/tmp/ssh-devyard-") and inside.endswith("/agent.sock"), inside
+        on_host = Path(f"/proc/{world.pid1(env_id)}/root{inside}")
+        assert (on_host.stat().st_uid, on_host.parent.stat().st_uid) == (DEV_ON_HOST, DEV_ON_HOST)
+        assert on_host.parent.stat().st_mode & 0o777 == 0o700
+        # The agent protocol through it: a request for identities gets the key added above.
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(on_host))
+            client.sendall(struct.pack(">IB", 1, 11))  # SSH_AGENTC_REQUEST_IDENTITIES
+            length = struct.unpack(">I", client.recv(4, socket.MSG_WAITALL))[0]
+            reply = client.recv(length, socket.MSG_WAITALL)
+        assert reply[0] == 12 and struct.unpack(">I", reply[1:5])[0] == 1  # SSH_AGENT_IDENTITIES_ANSWER, one key
+        session.stdin.write(b"done\n")
+        session.stdin.close()
+        assert session.wait(30) == 0
+        wait_for(lambda: not on_host.parent.exists(), "the socket to be removed with the session")
+    finally:
+        agent.terminate()
+        agent.wait(10)
