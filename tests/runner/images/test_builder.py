@@ -18,8 +18,9 @@ from devyard.runner.images import builder
 from devyard.runner.images.builder import BuildFailed, BuildSpec, Built
 from devyard.runner.images.store import ImageStore
 from devyard.runner.linux import cgroups
+from support import host
 from support import images as images_support
-from support.registry import RegistryServer
+from support.registry import USERS, RegistryServer
 
 from .conftest import ID_RANGE
 
@@ -315,3 +316,30 @@ async def test_a_killed_runner_leaves_no_processes_and_the_next_build_of_the_key
     # Neither build left a control group (runc had no chance to remove them).
     relative = builder._cgroup_parent(work).lstrip("/")
     assert [hierarchy for hierarchy in cgroups.hierarchies() if (hierarchy / relative).exists()] == []
+
+
+async def test_a_base_image_behind_a_password_is_pulled_with_the_given_credentials(
+    basic_registry: RegistryServer, basic_image: str, builds: Path, tmp_path: Path
+) -> None:
+    host.require()
+    store = ImageStore(tmp_path / "store", id_range=ID_RANGE, insecure={basic_registry.host})
+    try:
+        context = context_with(tmp_path, f"FROM {basic_image}\nRUN echo private > /origin\n")
+        spec = BuildSpec(context, context / "Dockerfile")
+        with pytest.raises(PermanentError):
+            await builder.build(store, builds, spec, credentials={basic_registry.host: ("alice", "wrong")})
+
+        authfiles_during_steps: list[list[Path]] = []
+
+        def watch(line: str) -> None:
+            if "STEP" in line:
+                authfiles_during_steps.append(list(builds.rglob("auth.json")))
+
+        alice = {basic_registry.host: ("alice", USERS["alice"])}
+        built = await builder.build(store, builds, spec, credentials=alice, output=watch)
+
+        assert await read_file(store, built.reference, "/origin") == "private\n"
+        # The password was on disk only while the base image was pulled, not while the Dockerfile's steps ran.
+        assert authfiles_during_steps and all(found == [] for found in authfiles_during_steps)
+    finally:
+        store.close()
