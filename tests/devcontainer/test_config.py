@@ -55,6 +55,9 @@ def test_several_named_configs_need_a_name(tmp_path: Path) -> None:
     assert config.find(tmp_path, "tools/dev.json") == other
     with pytest.raises(config.ConfigNotFound, match=r"no dev container config 'go' \(there are: node, python\)"):
         config.find(tmp_path, "go")
+    write(tmp_path.parent / f"{tmp_path.name}-outside.json", "{}")
+    with pytest.raises(ConfigError, match="outside the repository"):
+        config.find(tmp_path, f"../{tmp_path.name}-outside.json")
 
 
 def test_a_config_linked_from_outside_the_repository_is_refused(tmp_path: Path) -> None:
@@ -110,13 +113,17 @@ def test_an_image_config_resolved(tmp_path: Path) -> None:
     assert loaded.customizations == {"vscode": {"extensions": ["ms-python.python"]}}
     # Defaults: the workspace under /workspaces, named after the repository, mounted by the runner.
     assert loaded.workspace_folder == "/workspaces/repo"
-    assert loaded.workspace_mount is None
+    assert loaded.workspace_mount == Mount("bind", "/workspaces/repo", str((tmp_path / "repo").resolve()))
     assert loaded.repository == (tmp_path / "repo").resolve()
 
 
 def test_unset_properties_are_left_to_the_merge(tmp_path: Path) -> None:
     loaded = load_text(tmp_path, '{"image": "x"}', workspace_name="project")
     assert loaded.workspace_folder == "/workspaces/project"
+    assert loaded.workspace_mount.target == "/workspaces/project"
+    # A workspaceFolder alone moves where work happens, not the mount.
+    sub = load_text(tmp_path, '{"image": "x", "workspaceFolder": "/workspaces/${localWorkspaceFolderBasename}/sub"}')
+    assert (sub.workspace_folder, sub.workspace_mount.target) == ("/workspaces/repo/sub", "/workspaces/repo")
     assert (loaded.wait_for, loaded.override_command, loaded.init, loaded.remote_user) == (None, None, None, None)
     assert loaded.hooks == {} and loaded.mounts == () and loaded.host_requirements is None
 
@@ -340,3 +347,10 @@ def test_sizes_and_ports() -> None:
     assert config.parse_forward_port("db:5432") == ForwardPort(5432, "db")
     with pytest.raises(ValueError, match="not a port number"):
         config.parse_forward_port("db:99999")
+
+
+def test_an_unknown_property_is_named_at_its_line(tmp_path: Path) -> None:
+    error = refusal(tmp_path, '{\n  "image": "x",\n  "postCreateComand": "make"\n}')
+    assert str(error) == (
+        'devcontainer.json:3:3: unknown property "postCreateComand" (did you mean "postCreateCommand"?)'
+    )

@@ -153,7 +153,11 @@ class DevContainerConfig:
 
     path: Path
     repository: Path
+    #: Where tools and hooks work (the spec's default: ``/workspaces/<name>``, the workspace mount's target).
     workspace_folder: str
+    #: The repository in the container; by default, as the spec says, a bind of the repository at
+    #: ``/workspaces/<name>`` (even when ``workspaceFolder`` names another folder, such as a subfolder of it).
+    workspace_mount: Mount
     name: str | None = None
     image: str | None = None
     build: Build | None = None
@@ -164,8 +168,6 @@ class DevContainerConfig:
     container_user: str | None = None
     remote_user: str | None = None
     update_remote_user_uid: bool | None = None
-    #: ``None``: the runner's own workspace mount at ``workspace_folder``.
-    workspace_mount: Mount | None = None
     mounts: tuple[Mount, ...] = ()
     forward_ports: tuple[ForwardPort, ...] = ()
     ports_attributes: Mapping[str, Any] = field(default_factory=dict)
@@ -234,7 +236,7 @@ def _named_configs(root: Path) -> list[str]:
 def _inside(root: Path, path: Path) -> Path:
     resolved = path.resolve()
     if not resolved.is_relative_to(root):
-        raise ConfigError(str(path), None, None, f"the config is a link to {resolved}, outside the repository")
+        raise ConfigError(str(path), None, None, f"the config is {resolved}, outside the repository {root}")
     return path
 
 
@@ -475,7 +477,11 @@ class _Resolver:
             container_user=document.get("containerUser"),
             remote_user=document.get("remoteUser"),
             update_remote_user_uid=document.get("updateRemoteUserUID"),
-            workspace_mount=self.mount(document, ("workspaceMount",)) if "workspaceMount" in document else None,
+            workspace_mount=(
+                self.mount(document, ("workspaceMount",))
+                if "workspaceMount" in document
+                else Mount("bind", f"/workspaces/{self.workspace_name}", str(self.repository))
+            ),
             mounts=tuple(self.mount(document, ("mounts", index)) for index in range(len(document.get("mounts", [])))),
             forward_ports=self.forward_ports(document.get("forwardPorts", [])),
             ports_attributes=dict(document.get("portsAttributes", {})),

@@ -106,6 +106,15 @@ def describe_path(path: Sequence[str | int]) -> str:
 
 @functools.cache
 def _validator() -> jsonschema.protocols.Validator:
+    registry = _registry()
+    validator: jsonschema.protocols.Validator = jsonschema.Draft201909Validator(
+        registry.contents(_ROOT), registry=registry
+    )
+    return validator
+
+
+@functools.cache
+def _registry() -> referencing.Registry[Any]:
     folder = importlib.resources.files("devyard.devcontainer") / "schemas"
 
     def load(name: str) -> Any:
@@ -131,8 +140,7 @@ def _validator() -> jsonschema.protocols.Validator:
             ("vscode://schemas/settings/machine", referencing.jsonschema.DRAFT7.create_resource({"type": "object"})),
         ]
     )
-    validator: jsonschema.protocols.Validator = jsonschema.Draft201909Validator(root, registry=registry)
-    return validator
+    return registry
 
 
 def _relevant(error: ValidationError) -> list[ValidationError]:
@@ -285,8 +293,7 @@ def _extra_properties(error: ValidationError) -> list[str]:
 
 @functools.cache
 def _top_level_properties() -> frozenset[str]:
-    validator = _validator()
-    resolver = validator._resolver  # type: ignore[attr-defined]  # jsonschema keeps no public resolver
+    registry = _registry()
     names: set[str] = set()
     seen: set[int] = set()
 
@@ -302,5 +309,5 @@ def _top_level_properties() -> frozenset[str]:
             resolved = resolver.lookup(schema["$ref"])
             walk(resolved.contents, resolved.resolver)
 
-    walk(validator.schema, resolver)
+    walk(registry.contents(_ROOT), registry.resolver(base_uri=_ROOT))
     return frozenset(names)
