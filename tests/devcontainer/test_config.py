@@ -354,3 +354,11 @@ def test_an_unknown_property_is_named_at_its_line(tmp_path: Path) -> None:
     assert str(error) == (
         'devcontainer.json:3:3: unknown property "postCreateComand" (did you mean "postCreateCommand"?)'
     )
+
+
+def test_the_repository_by_default(tmp_path: Path) -> None:
+    named = write(tmp_path / "r1" / ".devcontainer" / "python" / "devcontainer.json", '{"image": "x"}')
+    assert config.load(named).repository == (tmp_path / "r1").resolve()
+    top = write(tmp_path / "r2" / ".devcontainer.json", '{"image": "x"}')
+    assert config.load(top).repository == (tmp_path / "r2").resolve()
+    assert config.load(top).workspace_folder == "/workspaces/r2"

@@ -251,16 +251,18 @@ def load(
 ) -> DevContainerConfig:
     """The devcontainer.json at ``path``, parsed, validated and resolved.
 
-    ``repository`` is the repository's root on the host (``${localWorkspaceFolder}``; the config's folder's parent
-    by default): paths may not leave it. ``local_env`` is what ``${localEnv:NAME}`` reads (nothing by default: the
-    runner's environment is not the user's), ``devcontainer_id`` what ``${devcontainerId}`` becomes (see
+    ``repository`` is the repository's root on the host (``${localWorkspaceFolder}``; by default the folder that
+    holds ``.devcontainer/``, or the file's folder): paths may not leave it. ``local_env`` is what
+    ``${localEnv:NAME}`` reads (nothing by default: the runner's environment is not the user's), ``devcontainer_id`` what ``${devcontainerId}`` becomes (see
     ``substitution.devcontainer_id``), ``workspace_name`` the default workspace folder's name
     (``/workspaces/<name>``, the repository folder's name by default), ``source`` how messages name the file.
     Raises ``ConfigError``.
     """
     path = path.resolve()
     if repository is None:
-        repository = path.parent.parent if path.parent.name == ".devcontainer" else path.parent
+        # The folder that holds .devcontainer/ (.devcontainer/NAME/devcontainer.json included), else the file's.
+        holders = [folder.parent for folder in (path.parent, *path.parent.parents) if folder.name == ".devcontainer"]
+        repository = holders[0] if holders else path.parent
     repository = repository.resolve()
     shown = source if source is not None else str(path)
     try:
