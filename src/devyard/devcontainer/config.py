@@ -253,9 +253,10 @@ def load(
 
     ``repository`` is the repository's root on the host (``${localWorkspaceFolder}``; by default the folder that
     holds ``.devcontainer/``, or the file's folder): paths may not leave it. ``local_env`` is what
-    ``${localEnv:NAME}`` reads (nothing by default: the runner's environment is not the user's), ``devcontainer_id`` what ``${devcontainerId}`` becomes (see
-    ``substitution.devcontainer_id``), ``workspace_name`` the default workspace folder's name
-    (``/workspaces/<name>``, the repository folder's name by default), ``source`` how messages name the file.
+    ``${localEnv:NAME}`` reads (nothing by default: the runner's environment is not the user's).
+    ``devcontainer_id`` is what ``${devcontainerId}`` becomes (see ``substitution.devcontainer_id``),
+    ``workspace_name`` the default workspace folder's name (``/workspaces/<name>``, the repository folder's name
+    by default), ``source`` how messages name the file.
     Raises ``ConfigError``.
     """
     path = path.resolve()
