@@ -133,6 +133,9 @@ async def test_a_changed_context_file_or_arg_misses_the_cache(
     changed_mode = await builder.build(store, builds, spec)
 
     assert not changed_file.cached and not changed_arg.cached and not changed_mode.cached
+    # --no-cache rebuilds (and renames) what is in the cache.
+    forced = BuildSpec(context, context / "Dockerfile", options=("--no-cache",))
+    assert [(await builder.build(store, builds, forced)).cached for _ in range(2)] == [False, False]
     assert len({first.reference, changed_file.reference, changed_arg.reference, changed_mode.reference}) == 4
     assert await read_file(store, first.reference, "/data.txt") == "one\nnobody\n"
     assert await read_file(store, changed_file.reference, "/data.txt") == "two\nnobody\n"
@@ -162,9 +165,13 @@ async def test_a_failing_run_reports_its_step_and_output_and_leaves_nothing(
 async def test_from_an_image_only_the_store_has(store: ImageStore, builds: Path, tmp_path: Path) -> None:
     layout = images_support.busybox_layout(tmp_path / "layout")
     await store.import_archive(layout, "devyard.local/test/busybox:1")
-    context = context_with(tmp_path, "FROM devyard.local/test/busybox:1\nRUN echo from the store > /origin\n")
+    context = tmp_path / "context"
+    context.mkdir()
+    dockerfile = tmp_path / "elsewhere" / "Dockerfile"  # outside the context
+    dockerfile.parent.mkdir()
+    dockerfile.write_text("FROM devyard.local/test/busybox:1\nRUN echo from the store > /origin\n")
 
-    built = await builder.build(store, builds, BuildSpec(context, context / "Dockerfile"))
+    built = await builder.build(store, builds, BuildSpec(context, dockerfile))
 
     assert await read_file(store, built.reference, "/origin") == "from the store\n"
 

@@ -20,9 +20,15 @@ Layout under ``root`` (``<state_dir>/builds``)::
                    authfile (while the base images are pulled, then removed), the base images handed over from
                    the store (OCI layouts) and the result (an OCI layout, imported into the store)
 
-Nothing of buildah's touches /var/lib/containers, /etc/containers' storage settings or another build's storage.
-A ``work/<key>`` directory exists only while its build runs; one that a killed runner left is unmounted and
-removed before its key is built again. The store gets the image only once the build has fully succeeded.
+buildah's storage is never /var/lib/containers, the host's /etc/containers settings do not apply, and no build
+shares another's storage (so base images are fetched again by each build that misses the cache). One thing
+buildah's command line cannot move: containers/image keeps a small cache of blob digests in
+/var/lib/containers/cache as root.
+
+buildah runs as PID 1 of its own PID and mount namespaces, its RUN steps in a control group per build directory:
+when it dies (the runner was killed, or the build cancelled) its processes and mounts go with it, and the next
+build of the key removes the control groups and the ``work/<key>`` directory it left. The store gets the image
+only once the build has fully succeeded.
 
 Base images are pinned: each ``FROM`` (and ``COPY --from=IMAGE``) is resolved to a digest (at its registry, or
 in the store for ``devyard.local/...``, which ``prepare`` bootstraps when it can), buildah pulls exactly that
@@ -452,16 +458,6 @@ async def _resolve(store: ImageStore, bases: Sequence[_Base], credentials: Crede
 # --- running buildah ---------------------------------------------------------------------------------------------
 
 
-def _mounts_under(directory: Path) -> list[Path]:
-    found: list[Path] = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ", 5)[4]))
-            if point == directory or directory in point.parents:
-                found.append(point)
-    return found
-
-
 def _filesystem_type(path: Path) -> str:
     """The type of the file system ``path`` is on (the deepest mount that holds it)."""
     best, kind = Path("/"), ""
@@ -630,31 +626,13 @@ def _clear_cgroups(work: Path) -> None:
 
 
 async def _clear(work: Path) -> None:
-    """Remove a build's directory: its containers (buildah's own cleanup), its control groups (the processes a
-    killed build left), its mounts, then its files."""
+    """Remove a build's control groups (with the processes a killed build left in them) and its directory.
+
+    buildah's containers and mounts need no undoing: the containers are records in the build's own storage, and
+    the mounts lived in buildah's mount namespace, which ended with it."""
     await asyncio.to_thread(_clear_cgroups, work)
     if not await asyncio.to_thread(os.path.lexists, work):
         return
-    if await asyncio.to_thread(os.path.exists, work / "storage.conf"):
-        process = await asyncio.create_subprocess_exec(
-            "buildah",
-            "--root",
-            str(work / "root"),
-            "--runroot",
-            str(work / "run"),
-            "rm",
-            "--all",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "CONTAINERS_STORAGE_CONF": str(work / "storage.conf"), "TMPDIR": "/tmp"},
-        )
-        await process.wait()
-    for point in sorted(_mounts_under(work), key=lambda point: -len(point.parts)):
-        process = await asyncio.create_subprocess_exec(
-            "umount", "--lazy", str(point), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
-        await process.wait()
     await asyncio.to_thread(shutil.rmtree, work, True)
     if await asyncio.to_thread(os.path.lexists, work):
         log.warning("could not remove all of the build directory %s", work)
