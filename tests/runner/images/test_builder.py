@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,3 +351,33 @@ async def test_a_base_image_behind_a_password_is_pulled_with_the_given_credentia
         assert authfiles_during_steps and all(found == [] for found in authfiles_during_steps)
     finally:
         store.close()
+
+
+@pytest.fixture
+def network_namespace(tmp_path: Path) -> Iterator[Path]:
+    """A network namespace made for a build (the runner attaches one like an environment's), here holding only a
+    veth pair, bind-mounted at a file."""
+    namespace = tmp_path / "netns"
+    namespace.touch()
+    subprocess.run(["unshare", f"--net={namespace}", "true"], check=True)
+    try:
+        link = ["ip", "link", "add", "devyardtest0", "type", "veth", "peer", "name", "devyardtest1"]
+        subprocess.run(["nsenter", f"--net={namespace}", *link], check=True)
+        yield namespace
+    finally:
+        subprocess.run(["umount", str(namespace)], check=True)
+
+
+async def test_run_steps_have_no_network_unless_given_a_namespace_to_join(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path, network_namespace: Path
+) -> None:
+    context = context_with(tmp_path, f"FROM {busybox_image}\nRUN cat /proc/net/dev > /interfaces\n")
+    alone = await builder.build(store, builds, BuildSpec(context, context / "Dockerfile"))
+    interfaces = await read_file(store, alone.reference, "/interfaces")
+    assert interfaces is not None and "lo:" in interfaces
+    assert [line for line in interfaces.splitlines() if ":" in line and "lo:" not in line] == []
+
+    # The namespace is not part of the cache key: an arg makes this a build of its own.
+    spec = BuildSpec(context, context / "Dockerfile", args={"X": "1"})
+    joined = await builder.build(store, builds, spec, network_namespace=network_namespace)
+    assert "devyardtest0:" in (await read_file(store, joined.reference, "/interfaces") or "")
