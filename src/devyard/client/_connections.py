@@ -1,11 +1,16 @@
-"""The blocking client's HTTP/1.1 connections, on the standard library's ``http.client``; ``_http.Client`` uses them.
+"""The blocking client's connections over plain sockets: HTTP/1.1 for ``_http.Client``, and a WebSocket client
+for the exec session (``cli._exec_session``).
 
 Why not httpx here: the ``devyard`` command makes one to a few requests per process, and importing httpx (which
 also imports rich and pygments for its own command line) and building its TLS context cost about 0.13 s, more
-than everything else the command does. ``http.client`` is already loaded and costs nothing to set up. httpx
-stays the transport when the caller passes one (tests record requests through it), when a proxy variable is
-set (httpx honours ``HTTP(S)_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``; this module does not), and for
-``AsyncClient``.
+than everything else the command does. Why not ``http.client`` either: it imports the ``email`` package (to parse
+header fields) and ``ssl``, a sixth of what ``devyard env create`` imports in all; this module needs neither (``ssl``
+only for ``https://``). httpx stays the transport when the caller passes one (tests record requests through it),
+when a proxy variable is set (httpx honours ``HTTP(S)_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``; this module does
+not), and for ``AsyncClient``.
+
+HTTP/1.1 as the CLI needs it: one request at a time per connection, bodies delimited by ``Content-Length``, by
+chunks, or by the end of the connection; keep-alive unless the server says ``Connection: close``.
 
 A ``ConnectionPool`` is safe to share between threads: each request takes an idle connection (or opens one) and
 gives it back once the response is read to the end. A connection the server closed while it was idle is noticed
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.client
 import json
 import os
 import select
@@ -76,23 +80,30 @@ class Reply:
 class Stream:
     """A response whose body is read as it comes: ``lines()`` for NDJSON, or ``read()`` for an error's body."""
 
-    def __init__(self, response: http.client.HTTPResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.reason = response.reason
+    def __init__(self, connection: _Connection, head: _Head) -> None:
+        self._connection = connection
+        self._head = head
+        self.status = head.status
+        self.reason = head.reason
 
     def read(self) -> bytes:
         try:
-            return self._response.read()
-        except (OSError, http.client.HTTPException) as exc:
+            return b"".join(self._connection.body_pieces(self._head))
+        except (OSError, ValueError, EOFError) as exc:
             raise NoAnswer(str(exc) or type(exc).__name__, connect=False) from exc
 
     def lines(self) -> Iterator[str]:
+        pending = b""
         try:
-            while line := self._response.readline():
-                yield line.decode("utf-8").rstrip("\r\n")
-        except (OSError, http.client.HTTPException) as exc:
+            for piece in self._connection.body_pieces(self._head):
+                pending += piece
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    yield line.decode("utf-8").rstrip("\r")
+        except (OSError, ValueError, EOFError) as exc:
             raise NoAnswer(str(exc) or type(exc).__name__, connect=False) from exc
+        if pending:
+            yield pending.decode("utf-8").rstrip("\r")
 
 
 def _query(params: Mapping[str, Any] | None) -> str:
@@ -115,11 +126,12 @@ class ConnectionPool:
             raise ValueError(f"not an http:// or https:// URL: {server!r}")
         self._https = parts.scheme == "https"
         self._host = parts.hostname
-        self._port = parts.port
+        self._port = parts.port or (443 if self._https else 80)
         self._prefix = parts.path.rstrip("/")
-        self._headers = dict(headers)
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        self._headers = {"Host": host if parts.port is None else f"{host}:{parts.port}", **headers}
         self._timeout = timeout
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._ssl_context: ssl.SSLContext | None = None
 
@@ -130,25 +142,27 @@ class ConnectionPool:
             connection.close()
 
     def request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, Any] | None = None) -> Reply:
-        connection, response = self._send(method, path, body, params)
+        connection, head = self._send(method, path, body, params)
         try:
-            content = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+            content = b"".join(connection.body_pieces(head))
+        except (OSError, ValueError, EOFError) as exc:
             connection.close()
             raise NoAnswer(str(exc) or type(exc).__name__, connect=False) from exc
-        self._give_back(connection)
-        return Reply(response.status, response.reason, response.getheader("Retry-After"), content)
+        if head.keep_alive:
+            with self._lock:
+                self._idle.append(connection)
+        else:
+            connection.close()
+        return Reply(head.status, head.reason, head.headers.get("retry-after"), content)
 
     @contextmanager
     def stream(self, path: str, params: Mapping[str, Any] | None, *, read_timeout: float | None) -> Iterator[Stream]:
         """A GET whose body is read as it comes, on a connection of its own that is closed afterwards (the caller
         may stop early). The idle connections stay for the requests after it: ``env create -- CMD`` asks for its
         ticket the moment the watch says Running, and a connection (TLS and all) made then would delay it."""
-        connection, response = self._send(
-            "GET", path, None, params, streaming=True, read_timeout=read_timeout, fresh=True
-        )
+        connection, head = self._send("GET", path, None, params, read_timeout=read_timeout, fresh=True)
         try:
-            yield Stream(response)
+            yield Stream(connection, head)
         finally:
             connection.close()
 
@@ -159,65 +173,165 @@ class ConnectionPool:
         body: Any,
         params: Mapping[str, Any] | None,
         *,
-        streaming: bool = False,
         read_timeout: float | None = None,
         fresh: bool = False,
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        connection = self._new() if fresh else self._take()
+    ) -> tuple[_Connection, _Head]:
         headers = dict(self._headers)
-        content = None
+        content = b""
         if body is not None:
             # As httpx encodes ``json=``.
             content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
             headers["Content-Type"] = "application/json"
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            headers["Content-Length"] = str(len(content))
+        target = self._prefix + path + _query(params)
+        if any(character in target for character in " \r\n\t\0"):
+            raise ValueError(f"a request path may not hold spaces or control characters: {target!r}")
+        connection = self._open() if fresh else self._take()
         try:
-            if connection.sock is None:
-                connection.connect()
-        except (OSError, http.client.HTTPException) as exc:
+            connection.send(method, target, headers, content)
+        except OSError as exc:
             connection.close()
-            raise NoAnswer(str(exc) or type(exc).__name__, connect=True) from exc
+            raise NoAnswer(str(exc) or type(exc).__name__, connect=False) from exc
         try:
-            connection.request(method, self._prefix + path + _query(params), body=content, headers=headers)
-            if streaming and connection.sock is not None:
-                connection.sock.settimeout(read_timeout)
-            return connection, connection.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
+            connection.settimeout(read_timeout if fresh else self._timeout)
+            return connection, connection.read_head(method)
+        except (OSError, ValueError, EOFError) as exc:
             connection.close()
             raise NoAnswer(str(exc) or type(exc).__name__, connect=False) from exc
 
-    def _take(self) -> http.client.HTTPConnection:
+    def _take(self) -> _Connection:
         while True:
             with self._lock:
                 connection = self._idle.pop() if self._idle else None
             if connection is None:
-                return self._new()
-            if _still_open(connection):
+                return self._open()
+            if connection.still_open():
                 return connection
             connection.close()
 
-    def _give_back(self, connection: http.client.HTTPConnection) -> None:
-        if connection.sock is None:  # the server said Connection: close
+    def _open(self) -> _Connection:
+        try:
+            sock = socket.create_connection((_resolvable(self._host), self._port), timeout=self._timeout)
+        except OSError as exc:
+            raise NoAnswer(str(exc) or type(exc).__name__, connect=True) from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._https:
+                if self._ssl_context is None:
+                    self._ssl_context = _verifying_context()
+                sock = self._ssl_context.wrap_socket(sock, server_hostname=self._host)
+        except OSError as exc:  # the TLS handshake failed: the certificate, say
+            sock.close()
+            raise NoAnswer(str(exc) or type(exc).__name__, connect=True) from exc
+        return _Connection(sock)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A response's status line and header fields (names in lower case; repeated fields joined by commas)."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+    #: Whether a body follows (not after HEAD, 1xx, 204 and 304).
+    has_body: bool
+    #: Whether the connection can carry another request once the body is read.
+    keep_alive: bool
+
+
+class _Connection:
+    """One HTTP/1.1 connection: a request at a time, its response read through a buffered reader."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+        self._reader = sock.makefile("rb")
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._socket.settimeout(timeout)
+
+    def send(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> None:
+        lines = [f"{method} {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
+        # One write for the head and the body: a small body sent apart waits for the server's delayed ACK.
+        self._socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    def read_head(self, method: str) -> _Head:
+        while True:
+            status, reason, headers = _read_head(self._reader)
+            if not 100 <= status < 200:
+                break  # an interim answer (100 Continue, 103 Early Hints) comes before the real one
+        connection = headers.get("connection", "").lower()
+        has_body = method != "HEAD" and status not in (204, 304)
+        delimited = "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
+        keep_alive = "close" not in connection and (delimited or not has_body)
+        return _Head(status, reason, headers, has_body, keep_alive)
+
+    def body_pieces(self, head: _Head) -> Iterator[bytes]:
+        """The body as it comes: chunk by chunk, or read by read up to its length or the end of the connection."""
+        if not head.has_body:
             return
-        with self._lock:
-            self._idle.append(connection)
+        reader = self._reader
+        if "chunked" in head.headers.get("transfer-encoding", "").lower():
+            while True:
+                size = int(reader.readline(_MAX_LINE).split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    while reader.readline(_MAX_LINE).strip():  # trailer fields, then the blank line
+                        pass
+                    return
+                piece = reader.read(size)
+                if len(piece) != size or reader.readline(_MAX_LINE).strip():
+                    raise EOFError("the connection ended inside a chunk")
+                yield piece
+        elif "content-length" in head.headers:
+            remaining = int(head.headers["content-length"])
+            while remaining > 0:
+                piece = reader.read1(min(remaining, _READ_SIZE))
+                if not piece:
+                    raise EOFError(f"the connection ended {remaining} bytes short of the body")
+                remaining -= len(piece)
+                yield piece
+        else:
+            while piece := reader.read1(_READ_SIZE):
+                yield piece
 
-    def _new(self) -> http.client.HTTPConnection:
-        if not self._https:
-            return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
-        if self._ssl_context is None:
-            self._ssl_context = _verifying_context()
-        return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._ssl_context)
+    def still_open(self) -> bool:
+        """An idle keep-alive connection is readable only when the server closed it (or broke the protocol)."""
+        try:
+            readable, _, _ = select.select([self._socket], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self) -> None:
+        self._reader.close()
+        self._socket.close()
 
 
-def _still_open(connection: http.client.HTTPConnection) -> bool:
-    """An idle keep-alive connection is readable only when the server closed it (or broke the protocol)."""
-    if connection.sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([connection.sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not readable
+_MAX_LINE = 65536
+_MAX_HEADER_LINES = 100
+_READ_SIZE = 64 * 1024
+
+
+def _read_head(reader: Any) -> tuple[int, str, dict[str, str]]:
+    """A response's status line and header fields, from a buffered reader; ``ValueError`` when it is not HTTP."""
+    status_line = reader.readline(_MAX_LINE).decode("latin-1")
+    if not status_line:
+        raise EOFError("the server closed the connection without an answer")
+    protocol, _, rest = status_line.rstrip("\r\n").partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not protocol.startswith("HTTP/1.") or not (code.isdigit() and len(code) == 3):
+        raise ValueError(f"the server does not speak HTTP/1.1: {status_line.strip()[:100]!r}")
+    headers: dict[str, str] = {}
+    for _ in range(_MAX_HEADER_LINES):
+        line = reader.readline(_MAX_LINE).decode("latin-1").rstrip("\r\n")
+        if not line:
+            return int(code), reason.strip(), headers
+        name, separator, value = line.partition(":")
+        if not separator:
+            raise ValueError(f"the server sent a broken header line: {line[:100]!r}")
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    raise ValueError(f"the server's answer has more than {_MAX_HEADER_LINES} header lines")
 
 
 def _verifying_context() -> ssl.SSLContext:
@@ -238,7 +352,6 @@ def _verifying_context() -> ssl.SSLContext:
 #: RFC 6455 section 1.3: what the server hashes the client's key with.
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _CONTINUATION, _TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-_MAX_HEADER_LINES = 100
 _MAX_REFUSAL_BODY = 64 * 1024
 
 
@@ -407,7 +520,7 @@ def open_websocket(url: str, headers: Mapping[str, str], *, timeout: float, max_
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
     try:
-        sock = socket.create_connection((parts.hostname, port), timeout=timeout)
+        sock = socket.create_connection((_resolvable(parts.hostname), port), timeout=timeout)
     except OSError as exc:
         raise NoAnswer(str(exc) or type(exc).__name__, connect=True) from exc
     try:
@@ -438,8 +551,6 @@ def _handshake(
     query: str,
     headers: Mapping[str, str],
 ) -> None:
-    import hashlib  # here: only a WebSocket needs it
-
     key = base64.b64encode(os.urandom(16)).decode()
     host = f"[{hostname}]" if ":" in hostname else hostname
     lines = [
@@ -454,26 +565,30 @@ def _handshake(
     ]
     try:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        status_line = reader.readline(65537).decode("latin-1")
-        protocol, _, rest = status_line.partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not protocol.startswith("HTTP/1.") or not code.isdigit():
-            raise NoAnswer(f"the server does not speak HTTP: {status_line.strip()[:100]!r}", connect=False)
-        answer: dict[str, str] = {}
-        for _ in range(_MAX_HEADER_LINES):
-            line = reader.readline(65537).decode("latin-1").rstrip("\r\n")
-            if not line:
-                break
-            name, _, value = line.partition(":")
-            answer[name.strip().lower()] = value.strip()
-        else:
-            raise NoAnswer("the server's answer to the upgrade has too many header lines", connect=False)
-        if int(code) != 101:
+        status, reason, answer = _read_head(reader)
+        if status != 101:
             length = min(int(answer.get("content-length", "0") or 0), _MAX_REFUSAL_BODY)
             body = reader.read(length).decode(errors="replace").strip() if length > 0 else ""
-            raise WebSocketRefused(int(code), reason.strip(), body)
-    except (OSError, ValueError) as exc:
+            raise WebSocketRefused(status, reason, body)
+    except (OSError, ValueError, EOFError) as exc:
         raise NoAnswer(str(exc) or type(exc).__name__, connect=False) from exc
-    expected = base64.b64encode(hashlib.sha1(key.encode() + _WEBSOCKET_GUID).digest()).decode()
+    expected = base64.b64encode(_sha1(key.encode() + _WEBSOCKET_GUID)).decode()
     if answer.get("upgrade", "").lower() != "websocket" or answer.get("sec-websocket-accept") != expected:
         raise NoAnswer("the server accepted the upgrade without speaking WebSocket", connect=False)
+
+
+def _sha1(data: bytes) -> bytes:
+    """SHA-1, for the handshake's accept key: from CPython's built-in ``_sha1`` where there is one, because
+    ``hashlib`` loads OpenSSL's libcrypto first, which costs the exec session a few milliseconds."""
+    try:
+        import _sha1 as builtin  # type: ignore[import-not-found]
+    except ImportError:
+        import hashlib as builtin
+    digest: bytes = builtin.sha1(data).digest()
+    return digest
+
+
+def _resolvable(host: str) -> Any:
+    """``host`` for ``socket.create_connection``: an ASCII name as bytes, which the resolver takes as it is, where
+    a string would load the ``idna`` codec (a few milliseconds) to encode it."""
+    return host.encode("ascii") if host.isascii() else host
