@@ -4,11 +4,13 @@
 (``devyard runner --runtime linux``, its own state directory, bridge and subnet, its gateway on 127.0.0.1), starts
 one environment of the busybox image first so that the image is cached (not timed), then:
 
-- CLI: ``devyard env create DIR --image REF --wait`` then ``devyard env exec ENV -- true``, timed from the start
-  of the first command to the exit of the second: what a user waits for;
-- API: the same requests made in this process by the CLI's own code (``devyard.client.Client``,
-  ``cli._waiting.wait_for_environment``, the gateway session of ``cli._exec_session``), so the difference to
-  the CLI figure is what starting two Python processes costs;
+- CLI: ``devyard env create --image REF -- true``, the one command that creates, waits until Running and runs
+  a command inside, timed from its start to its exit: what a user waits for, as with ``docker run IMAGE CMD``.
+  Beside it, on the line of its parts, the same in two commands (``devyard env create --image REF --wait``,
+  then ``devyard env exec ENV -- true``), and what a CLI process making one small request costs;
+- API: the one command's requests made in this process by the CLI's own code (``devyard.client.Client``,
+  ``cli._waiting.wait_for_environment`` from the create's answer, the gateway session of ``cli._exec_session``),
+  so the difference to the CLI figure is what starting a Python process costs;
 - density: N idle environments at once; the runner process's RSS and PSS before and with all running, and how
   long an exec in one of them takes meanwhile (the host stays responsive).
 
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import signal
@@ -119,34 +122,36 @@ class _Environments:
     """The environments this benchmark made, through the same client code as the CLI; deletes them all at
     the end. Its waits give up early, saying why, when the runner process has died or the environment failed."""
 
-    def __init__(
-        self, server_url: str, token: str, image: str, content_dir: Path, runner: subprocess.Popen[bytes], log: Path
-    ) -> None:
+    def __init__(self, server_url: str, token: str, image: str, runner: subprocess.Popen[bytes], log: Path) -> None:
         from devyard.client import Client
 
         self.client = Client(server_url, token)
         self.runner = runner
         self.runner_log = log
         self.image = image
-        self.content_dir = content_dir
         self.made: list[str] = []
 
-    def create(self) -> str:
-        body = {"spec": {"content": {"local_path": str(self.content_dir)}, "image": self.image}}
-        environment_id: str = self.client.post("/api/v1/environments", body)["metadata"]["id"]
-        self.made.append(environment_id)
-        return environment_id
+    def create(self) -> dict[str, Any]:
+        """The new environment as the create answered it."""
+        # An environment of the image alone, no content: what ``docker run IMAGE`` starts (a server's runner
+        # takes no local folder, and a git clone would be another benchmark).
+        body = {"spec": {"image": self.image}}
+        created: dict[str, Any] = self.client.post("/api/v1/environments", body)
+        self.made.append(created["metadata"]["id"])
+        return created
 
-    def wait_running(self, environment_id: str, timeout: float) -> None:
-        """What ``--wait`` does (``cli._waiting``), in slices, between which it checks on the runner."""
+    def wait_running(self, environment_id: str, timeout: float, written: dict[str, Any] | None = None) -> None:
+        """What ``--wait`` does (``cli._waiting``), in slices, between which it checks on the runner; from the
+        create's answer (``written``) as ``env create -- CMD`` does, when given."""
         from devyard.cli._waiting import WaitFailed, wait_for_environment
 
         deadline = time.monotonic() + timeout
         while True:
             try:
-                wait_for_environment(self.client, environment_id, "running", timeout=_WAIT_SLICE)
+                wait_for_environment(self.client, environment_id, "running", timeout=_WAIT_SLICE, written=written)
                 return
             except WaitFailed:
+                written = None
                 status = self.client.get(f"/api/v1/environments/{environment_id}").get("status") or {}
                 if status.get("phase") == "failed" or time.monotonic() > deadline:
                     tail = self.runner_log.read_text(errors="replace")[-1500:]
@@ -175,6 +180,11 @@ class _Environments:
         finally:
             os.close(null)
 
+    def adopt(self, name: str) -> None:
+        """Count the environment named ``name`` (made by a CLI process) among this benchmark's, if it exists."""
+        listed = self.client.get("/api/v1/environments", {"page_size": 500})["items"]
+        self.made.extend(item["metadata"]["id"] for item in listed if item["metadata"]["name"] == name)
+
     def delete(self, environment_id: str) -> None:
         from devyard.cli._waiting import DELETED, wait_for_environment
 
@@ -190,30 +200,59 @@ class _Environments:
         self.client.close()
 
 
-def _cli_start(environments: _Environments, env: dict[str, str], steps: dict[str, list[float]]) -> float:
+def _cli_environment(env: dict[str, str]) -> dict[str, str]:
+    """The CLI's variables: ``env``, and bytecode written and read as an installed devyard has it (a harness that
+    sets PYTHONDONTWRITEBYTECODE would make every CLI process compile devyard's modules from source)."""
+    return {**env, "PYTHONDONTWRITEBYTECODE": ""}
+
+
+def _cli_start(
+    environments: _Environments, env: dict[str, str], steps: dict[str, list[float]], names: Iterator[str]
+) -> float:
+    """The one command, timed; then, not in its figure, the two-command form and a one-request command."""
     devyard = _devyard_command()
-    create = [*devyard, "env", "create", str(environments.content_dir), "--image", environments.image, "--wait"]
+    env = _cli_environment(env)
+    name = next(names)
+    one = [*devyard, "env", "create", "--image", environments.image, "--name", name, "--", "true"]
     started = time.perf_counter()
-    created = json.loads(commands.run([*create, "--output", "json"], timeout=_START_TIMEOUT, env=env))
+    # Its id is known only from the server: the name finds it for the delete, even when the command failed.
+    try:
+        commands.run(one, timeout=_START_TIMEOUT, env=env)
+    finally:
+        environments.adopt(name)
+    answered = time.perf_counter()
+    environments.delete_all()
+
+    create = [*devyard, "env", "create", "--image", environments.image, "--wait", "--output", "json"]
+    two_started = time.perf_counter()
+    created = json.loads(commands.run(create, timeout=_START_TIMEOUT, env=env))
     running = time.perf_counter()
     environment_id = created["metadata"]["id"]
     environments.made.append(environment_id)
     commands.run([*devyard, "env", "exec", environment_id, "--", "true"], timeout=_START_TIMEOUT, env=env)
-    answered = time.perf_counter()
+    two_answered = time.perf_counter()
     environments.delete(environment_id)
-    steps.setdefault("env create --wait", []).append(running - started)
-    steps.setdefault("env exec", []).append(answered - running)
-    # A CLI process that makes one small request: what each of the two commands costs before its real work.
+    # The two-command form's parts first, as the report has always shown them; the total is not in the figure.
+    steps.setdefault("env create --wait", []).append(running - two_started)
+    steps.setdefault("env exec", []).append(two_answered - running)
+    steps.setdefault("the two commands (not in the total)", []).append(two_answered - two_started)
+    # A CLI process that makes one small request: what any command costs before its real work.
     listed = time.perf_counter()
     commands.run([*devyard, "env", "list", "--output", "json"], timeout=_START_TIMEOUT, env=env)
     steps.setdefault("devyard env list (not in the total)", []).append(time.perf_counter() - listed)
     return answered - started
 
 
+def _warm_cli(environments: _Environments, env: dict[str, str], names: Iterator[str]) -> None:
+    """One untimed run of each CLI form: the first writes the modules' bytecode and fills the page cache."""
+    _cli_start(environments, env, {}, names)
+
+
 def _api_start(environments: _Environments, steps: dict[str, list[float]]) -> float:
     started = time.perf_counter()
-    environment_id = environments.create()
-    environments.wait_running(environment_id, _START_TIMEOUT)
+    created = environments.create()
+    environment_id = created["metadata"]["id"]
+    environments.wait_running(environment_id, _START_TIMEOUT, written=created)
     running = time.perf_counter()
     exit_code = environments.exec_true(environment_id)
     answered = time.perf_counter()
@@ -254,7 +293,7 @@ def _density(environments: _Environments, runner_pid: int, count: int) -> report
     time.sleep(1.0)  # let the runner's warm-up garbage settle before the first reading
     density.before_kib = {**_memory_kib(runner_pid), "host (all processes)": _host_used_kib()}
     with ThreadPoolExecutor(8) as pool:
-        ids = list(pool.map(lambda _: environments.create(), range(count)))
+        ids = list(pool.map(lambda _: str(environments.create()["metadata"]["id"]), range(count)))
         deadline = _START_TIMEOUT + 2 * count
         list(pool.map(lambda environment_id: environments.wait_running(environment_id, deadline), ids))
     time.sleep(1.0)
@@ -320,24 +359,22 @@ def _measure(
         runner = stack.enter_context(
             _running_runner(server.url, server.admin_token, work / "runner", registry_host, options.devyard_runtime)
         )
-        content = work / "content"
-        content.mkdir()
-        environments = _Environments(
-            server.url, server.admin_token, image, content, runner, work / "runner" / "runner.log"
-        )
+        environments = _Environments(server.url, server.admin_token, image, runner, work / "runner" / "runner.log")
         stack.callback(environments.close)
         stack.callback(environments.delete_all)
         # The first start pulls and unpacks the image: the runs after it find it cached.
-        first = environments.create()
+        first = environments.create()["metadata"]["id"]
         environments.wait_running(first, _FIRST_START_TIMEOUT)
         environments.delete(first)
 
         if "devyard" in wanted:
             cli_env = {"DEVYARD_SERVER": server.url, "DEVYARD_TOKEN": server.admin_token}
             cli_env["XDG_CONFIG_HOME"] = str(work / "config")
+            names = (f"bench-{number}" for number in itertools.count())
+            _warm_cli(environments, cli_env, names)
             starters: dict[str, Callable[[], float]] = {
                 report.DEVYARD_CLI: functools.partial(
-                    _cli_start, environments, cli_env, starts.steps.setdefault(report.DEVYARD_CLI, {})
+                    _cli_start, environments, cli_env, starts.steps.setdefault(report.DEVYARD_CLI, {}), names
                 ),
                 report.DEVYARD_API: functools.partial(
                     _api_start, environments, starts.steps.setdefault(report.DEVYARD_API, {})
