@@ -16,6 +16,7 @@ import select
 import signal
 import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -213,3 +214,19 @@ def _read_until_exited(master: int, process: subprocess.Popen[bytes], timeout: f
         elif exited:
             break
     return bytes(output)
+
+
+def test_the_one_command_imports_nothing_it_does_not_need(cli_env: dict[str, str], daemon: dict[str, str]) -> None:
+    """What makes it start fast: no websockets, no http.client or email, no pydantic, rich or asyncio."""
+    ran = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "devyard", "env", "create", "--image", IMAGE, "--rm", "--", "true"],
+        env={**cli_env, **daemon},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in ran.stderr.splitlines() if line.startswith("import time:")}
+    assert "devyard.cli._exec_session" in imported, "the import trace is read as it should be"
+    heavy = {"websockets", "http.client", "email", "pydantic", "rich", "asyncio", "httpx", "ssl"}
+    assert sorted(heavy & imported) == []

@@ -2,7 +2,8 @@
 
 Start and stop set ``spec.desired_phase``; the runner does the work, and ``--wait`` follows it there. ``exec``
 asks the management plane for an access ticket and runs the command through the runner's gateway
-(``_exec_session``).
+(``_exec_session``). ``create ... -- CMD`` does all three in one process, as ``docker run IMAGE CMD`` does: it
+creates, watches from the create's answer until Running, asks for the ticket at once and runs CMD.
 """
 
 from __future__ import annotations
