@@ -239,7 +239,8 @@ def _run_in_created(
         options = SessionOptions(
             argv=session.argv, tty=wants_tty(session.tty), env={}, cwd=session.workdir, user=session.user
         )
-        invocation.close()  # the session may last long; the API connection is not needed meanwhile
+        if not remove:
+            invocation.close()  # the session may last long; the API connection is not needed after it
         return run_session(access, options)
     finally:
         if remove:

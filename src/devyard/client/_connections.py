@@ -256,6 +256,7 @@ class _Connection:
         self._socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
     def read_head(self, method: str) -> _Head:
+        _acknowledge_at_once(self._socket)
         while True:
             status, reason, headers = _read_head(self._reader)
             if not 100 <= status < 200:
@@ -273,6 +274,8 @@ class _Connection:
         reader = self._reader
         if "chunked" in head.headers.get("transfer-encoding", "").lower():
             while True:
+                # A watch's events may come a few ms apart, each a write of its own: each is acknowledged at once.
+                _acknowledge_at_once(self._socket)
                 size = int(reader.readline(_MAX_LINE).split(b";", 1)[0].strip(), 16)
                 if size == 0:
                     while reader.readline(_MAX_LINE).strip():  # trailer fields, then the blank line
@@ -310,6 +313,14 @@ class _Connection:
 _MAX_LINE = 65536
 _MAX_HEADER_LINES = 100
 _READ_SIZE = 64 * 1024
+
+
+def _acknowledge_at_once(sock: socket.socket) -> None:
+    """Acknowledge what comes next at once (Linux's TCP_QUICKACK; it lasts a while, not for good). On a connection
+    that has carried a request before, the kernel delays its acknowledgements by up to 40 ms, and a server that
+    writes an answer's head and body apart may hold the body until the head is acknowledged: 40 ms per request."""
+    with contextlib.suppress(AttributeError, OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
 def _read_head(reader: Any) -> tuple[int, str, dict[str, str]]:
