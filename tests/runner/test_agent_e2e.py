@@ -85,7 +85,7 @@ async def test_runner_lifecycle_against_the_real_server(server: LiveServer, tmp_
             runner = await wait_for_runner_online(admin, runner_id)
             assert (runner.status.runtime, runner.status.capacity) == ("fake", 100)
 
-            body: dict[str, Any] = {"spec": {"content": {"git": {"url": "https://example.com/app.git"}}}}
+            body: dict[str, Any] = {"spec": {"env": {"APP": "1"}}}
             env_id = Environment.model_validate(await admin.post("/api/v1/environments", body)).metadata.id
             environment = await wait_for_environment(admin, env_id, EnvironmentPhase.RUNNING)
             assert environment.status.runner_id == runner_id

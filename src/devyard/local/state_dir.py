@@ -19,8 +19,13 @@ __all__ = ["DaemonInfo", "StateDir", "default_state_dir"]
 
 
 def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "devyard"
+    """``$XDG_STATE_HOME/devyard`` (``~/.local/state/devyard``); as root ``/var/lib/devyard/local``: the linux
+    runtime's containers reach their bundles as an unprivileged user, and root's home is closed to others."""
+    if os.environ.get("XDG_STATE_HOME"):
+        return Path(os.environ["XDG_STATE_HOME"]) / "devyard"
+    if os.geteuid() == 0:
+        return Path("/var/lib/devyard/local")
+    return Path.home() / ".local" / "state" / "devyard"
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ class StateDir:
         return self.root / "runner"
 
     def create(self) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Searchable by others (not readable): the runner's containers reach their bundles below it as an
+        # unprivileged id. The server's directory and the files that matter are private on their own.
+        self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
 
     # The pid lock: held by the living daemon.
 

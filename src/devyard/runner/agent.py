@@ -243,12 +243,7 @@ class Agent:
                 informer=self.informer,
                 default_image=settings.default_image,
                 clock=self.clock,
-                dev_containers=DevContainers(
-                    self.runtime,
-                    state_dir=settings.state_dir / "dev-containers",
-                    log_root=settings.log_root(),
-                    desktop=settings.desktop,
-                ),
+                dev_containers=self._dev_containers(),
                 requeue=self.queue.add,
             )
             self.controller = Controller(reconciler, self.queue, workers=settings.workers)
@@ -281,6 +276,27 @@ class Agent:
             await _until_one_fails(loops)
         finally:
             await asyncio.shield(self._close(client))
+
+    def _dev_containers(self) -> DevContainers:
+        """What makes dev containers: with the linux runtime, its image store (builds go there) and its network
+        (builds' RUN steps get one like an environment's)."""
+        settings = self.settings
+        images, network = None, None
+        if self.runtime.name == "linux":
+            from devyard.runner.images.store import ImageStore
+            from devyard.runner.linux.runtime import LinuxRuntime
+
+            if isinstance(self.runtime, LinuxRuntime):
+                images = self.runtime.images if isinstance(self.runtime.images, ImageStore) else None
+                network = self.runtime.network
+        return DevContainers(
+            self.runtime,
+            state_dir=settings.state_dir / "dev-containers",
+            log_root=settings.log_root(),
+            desktop=settings.desktop,
+            images=images,
+            network=network,
+        )
 
     async def _close(self, client: AsyncClient) -> None:
         try:

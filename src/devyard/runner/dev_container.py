@@ -16,23 +16,41 @@ The environment reconciler calls ``DevContainers.prepare`` when an environment h
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from devyard.devcontainer import config as dev_container_config
+from devyard.devcontainer import image_metadata, substitution
+from devyard.devcontainer.config import ConfigNotFound, DevContainerConfig
+from devyard.devcontainer.config import Mount as DevContainerMount
+from devyard.devcontainer.errors import ConfigError
+from devyard.devcontainer.features import ResolvedFeature, metadata_entry, resolve_features, write_build_context
+from devyard.devcontainer.image_metadata import MergedConfig
 from devyard.runner import lifecycle
 from devyard.runner.atomic_file import write_atomically
 from devyard.runner.automations.file_format import Automations, find_automations_file, load_automations
 from devyard.runner.content import fetch_content, git_credentials
-from devyard.runner.errors import PermanentError
+from devyard.runner.errors import PermanentError, RunnerError
+from devyard.runner.features import FeatureCache, features_root
+from devyard.runner.images import builder
+from devyard.runner.images.builder import BuildSpec
 from devyard.runner.runtime import ContainerSpec, Mount, MountKind, Runtime
 from devyard.wire.environments import ContentSpec, Environment
 from devyard.wire.secrets import SecretValue
+
+if TYPE_CHECKING:
+    from devyard.runner.images.store import ImageStore
+    from devyard.runner.linux.network import Network
 
 __all__ = ["DevContainers", "Prepared", "workspace_name"]
 
@@ -55,11 +73,26 @@ class Prepared:
 
 
 class DevContainers:
-    def __init__(self, runtime: Runtime, *, state_dir: Path, log_root: Path, desktop: bool = False) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        state_dir: Path,
+        log_root: Path,
+        desktop: bool = False,
+        images: ImageStore | None = None,
+        network: Network | None = None,
+    ) -> None:
         self.runtime = runtime
         self.state_dir = state_dir
         self.log_root = log_root
         self.desktop = desktop
+        #: The runtime's image store, where builds go; None: this runner cannot build (the fake runtime).
+        self.images = images
+        #: Where builds' RUN steps get a network from (as an environment's, with its rules); None: no network.
+        self.network = network
+        #: Seconds the last resolve of each environment spent getting its image, until ``prepare`` reports it.
+        self._pulled: dict[str, float] = {}
 
     def directory(self, environment_id: str) -> Path:
         """The runner's own files of the environment (never visible inside it)."""
@@ -70,7 +103,9 @@ class DevContainers:
 
     async def prepare(self, environment: Environment, base: ContainerSpec, secrets: list[SecretValue]) -> Prepared:
         """Fetch the content and resolve the dev container for ``environment``; ``base`` is the container spec
-        the reconciler made from the environment's spec alone (image, env, limits, labels, credentials)."""
+        the reconciler made from the environment's spec alone (image, env, limits, labels, credentials).
+        A refused devcontainer.json is a ``PermanentError`` whose message is the file, line, column and what is
+        wrong."""
         key = environment.metadata.id
         timings: dict[str, float] = {}
         content = environment.spec.content
@@ -80,16 +115,192 @@ class DevContainers:
         fetched = await fetch_content(content, workspace, credentials=git_credentials(secrets), desktop=self.desktop)
         timings["content"] = round(fetched.seconds, 3)
         name = workspace_name(content)
-        folder = str(_WORKSPACES / name)
-        spec = _replace(
-            base,
-            mounts=(Mount(MountKind.WORKSPACE, folder),),
-            workdir=folder,
-        )
-        plan = lifecycle.LifecyclePlan(cwd=folder)
+        build_log = _BuildLog(self.logs(key) / "build.log")
+        try:
+            config = self._config(environment, workspace, name)
+            if config is None:
+                folder = str(_WORKSPACES / name)
+                build_log.line(f"no devcontainer.json: the image {base.image}")
+                spec = dataclasses.replace(base, mounts=(Mount(MountKind.WORKSPACE, folder),), workdir=folder)
+                plan = lifecycle.LifecyclePlan(cwd=folder)
+            else:
+                started = time.monotonic()
+                spec, plan = await self._resolve(environment, base, config, build_log)
+                timings["pull"] = self._pulled.pop(key, 0.0)
+                timings["build"] = round(time.monotonic() - started - timings["pull"], 3)
+        except ConfigError as exc:
+            build_log.line(f"error: {exc}")
+            raise PermanentError(str(exc)) from exc
+        except RunnerError as exc:
+            build_log.line(f"error: {exc}")
+            raise
         prepared = Prepared(spec=spec, plan=plan, automations_file=environment.spec.automations_path, timings=timings)
         self._keep(key, prepared)
         return prepared
+
+    def _config(self, environment: Environment, workspace: Path, name: str) -> DevContainerConfig | None:
+        """The workspace's devcontainer.json, loaded; None when it has none (and none was asked for)."""
+        asked = environment.spec.devcontainer_path
+        try:
+            path = dev_container_config.find(workspace, asked)
+        except ConfigNotFound:
+            if asked is not None:
+                raise
+            return None
+        return dev_container_config.load(
+            path,
+            repository=workspace,
+            devcontainer_id=substitution.devcontainer_id({"devyard.environment": environment.metadata.id}),
+            workspace_name=name,
+            source=str(path.relative_to(workspace)),
+        )
+
+    async def _resolve(
+        self, environment: Environment, base: ContainerSpec, config: DevContainerConfig, build_log: _BuildLog
+    ) -> tuple[ContainerSpec, lifecycle.LifecyclePlan]:
+        key = environment.metadata.id
+        workspace = self.runtime.workspace(key)
+        await self._initialize(config, workspace, build_log)
+        if environment.spec.image:
+            image = base.image  # the user's override: "use this image instead of the dev container's"
+        elif config.build is not None:
+            image = await self._build(
+                key,
+                BuildSpec(
+                    context=config.build.context,
+                    dockerfile=config.build.dockerfile,
+                    args=dict(config.build.args),
+                    target=config.build.target or "",
+                    options=config.build.options,
+                ),
+                base,
+                build_log,
+            )
+        elif config.image is not None:
+            image = config.image
+        else:  # load refuses a config with neither
+            raise PermanentError(f"{config.path}: neither image nor build")
+        features: list[ResolvedFeature] = []
+        if config.features:
+            image, features = await self._install_features(key, config, image, base, build_log)
+        pulling = time.monotonic()
+        labels = await self.runtime.image_labels(key, image, credentials=base.registry_credentials)
+        self._pulled[key] = round(time.monotonic() - pulling, 3)
+        label = labels.get(image_metadata.LABEL)
+        image_entries = image_metadata.parse_label(label) if label else []
+        merged = image_metadata.merge(image_entries, [metadata_entry(f) for f in features], config)
+        _check_host_requirements(merged, base)
+        mounts = [_workspace_mount(config)]
+        for mount in merged.mounts:
+            converted = _mount(mount, build_log)
+            if converted is not None:
+                mounts.append(converted)
+        remote_user = merged.remote_user or merged.container_user
+        container_env = {**merged.container_env, **base.env}
+        remote_env = {
+            name: str(value)
+            for name, value in substitution.substitute_container_env(dict(merged.remote_env), container_env).items()
+            if value is not None
+        }
+        spec = dataclasses.replace(
+            base,
+            image=image,
+            env=container_env,
+            mounts=tuple(mounts),
+            user=merged.container_user,
+            override_command=merged.override_command,
+            capabilities=merged.cap_add,
+            privileged=merged.privileged,
+            remote_user=remote_user,
+            remote_env=remote_env,
+            workdir=config.workspace_folder,
+        )
+        commands = tuple(
+            lifecycle.HookCommand(hook, command.command, command.origin)
+            for hook in lifecycle.HOOKS
+            for command in merged.hooks.get(hook, ())
+        )
+        plan = lifecycle.LifecyclePlan(
+            commands=commands, wait_for=merged.wait_for, user=remote_user, cwd=config.workspace_folder, env=remote_env
+        )
+        build_log.line(f"dev container {config.name or key}: image {image}, workspace {config.workspace_folder}")
+        return spec, plan
+
+    async def _initialize(self, config: DevContainerConfig, workspace: Path, build_log: _BuildLog) -> None:
+        """``initializeCommand`` runs on the host: only on a desktop runner, whose host is the user's."""
+        command = config.hooks.get("initializeCommand")
+        if command is None:
+            return
+        if not self.desktop:
+            raise PermanentError(
+                f"{config.path.relative_to(workspace)}: initializeCommand runs on the runner's host, which a shared "
+                "runner does not allow; remove it, or use onCreateCommand, which runs inside the environment"
+            )
+        build_log.line("running initializeCommand on this host")
+        parts = command.command.values() if isinstance(command.command, Mapping) else [command.command]
+        for part in parts:
+            argv = ["/bin/sh", "-c", part] if isinstance(part, str) else list(part)
+            process = await asyncio.create_subprocess_exec(
+                *argv, cwd=workspace, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
+            output, _ = await process.communicate()
+            build_log.write(output)
+            if process.returncode != 0:
+                raise PermanentError(f"initializeCommand failed with exit code {process.returncode}")
+
+    async def _build(self, key: str, spec: BuildSpec, base: ContainerSpec, build_log: _BuildLog) -> str:
+        if self.images is None:
+            raise PermanentError(f"this runner's {self.runtime.name} runtime cannot build images")
+        build_log.line(f"building {spec.dockerfile.name} in {spec.context.name or '.'}")
+        async with self._build_network(key) as network_namespace:
+            built = await builder.build(
+                self.images,
+                builder.builds_root(self.state_dir.parent),
+                spec,
+                output=build_log.line,
+                credentials=dict(base.registry_credentials),
+                network_namespace=network_namespace,
+            )
+        build_log.line(f"built {built.reference}{' (cached)' if built.cached else ''}")
+        return built.reference
+
+    async def _install_features(
+        self, key: str, config: DevContainerConfig, image: str, base: ContainerSpec, build_log: _BuildLog
+    ) -> tuple[str, list[ResolvedFeature]]:
+        if self.images is None:
+            raise PermanentError(f"this runner's {self.runtime.name} runtime cannot install Features")
+        root = features_root(self.state_dir.parent)
+        async with FeatureCache.for_store(self.images, root, credentials=dict(base.registry_credentials)) as cache:
+            resolved = await resolve_features(
+                config.features,
+                config_file=config.path,
+                source=cache,
+                override_order=config.override_feature_install_order,
+            )
+        build_log.line("Features, in install order: " + ", ".join(f.describe() for f in resolved))
+        with tempfile.TemporaryDirectory(dir=self.directory(key).parent, prefix=".features-") as scratch:
+            dockerfile = write_build_context(
+                Path(scratch) / "context",
+                base_image=image,
+                features=resolved,
+                container_user=config.container_user or "root",
+                remote_user=config.remote_user or "",
+            )
+            built = await self._build(key, BuildSpec(context=dockerfile.parent, dockerfile=dockerfile), base, build_log)
+        return built, resolved
+
+    @contextlib.asynccontextmanager
+    async def _build_network(self, key: str) -> AsyncIterator[Path | None]:
+        """A network namespace for a build's RUN steps, on the runner's network with an environment's rules."""
+        if self.network is None:
+            yield None
+            return
+        name = f"{key}-build"
+        attachment = await self.network.attach(name, hostname="build")
+        try:
+            yield attachment.netns_path
+        finally:
+            await self.network.detach(name)
 
     def plan(self, environment_id: str) -> lifecycle.LifecyclePlan | None:
         return lifecycle.load_plan(self.directory(environment_id))
@@ -148,7 +359,59 @@ def workspace_name(content: ContentSpec) -> str:
     return cleaned
 
 
-def _replace(spec: ContainerSpec, **changes: Any) -> ContainerSpec:
-    import dataclasses
+class _BuildLog:
+    """The environment's ``build.log``: what making its dev container said."""
 
-    return dataclasses.replace(spec, **changes)
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def line(self, text: str) -> None:
+        self.write((text.rstrip("\n") + "\n").encode(errors="replace"))
+
+    def write(self, data: bytes) -> None:
+        with self.path.open("ab") as file:
+            file.write(data)
+
+
+def _workspace_mount(config: DevContainerConfig) -> Mount:
+    """The repository at workspaceMount's target (by default ``/workspaces/<name>``); its source is always the
+    workspace the runner fetched."""
+    return Mount(MountKind.WORKSPACE, config.workspace_mount.target)
+
+
+def _mount(mount: DevContainerMount, build_log: _BuildLog) -> Mount | None:
+    """A devcontainer.json mount as the runtime makes it: volumes and tmpfs; a bind of a host path is skipped
+    (with a line in the build log): what an environment sees of the host is only what the runner owns for it."""
+    if mount.type == "tmpfs":
+        return Mount(MountKind.TMPFS, mount.target)
+    if mount.type == "volume":
+        source = "".join(c if c.isalnum() or c in "._-" else "-" for c in (mount.source or mount.target)).strip(".-")
+        return Mount(MountKind.VOLUME, mount.target, source=source or "volume", read_only=mount.read_only)
+    build_log.line(f"skipped the bind mount of {mount.source} at {mount.target}: runners do not share host paths")
+    return None
+
+
+def _check_host_requirements(merged: MergedConfig, base: ContainerSpec) -> None:
+    """hostRequirements against the environment class: refused when the class is too small or offers no GPU."""
+    needs = merged.host_requirements
+    problems = []
+    if merged.gpus is not None:
+        problems.append(f"runArgs --gpus {merged.gpus}: this environment class offers no GPUs")
+    if needs is not None:
+        if needs.gpu is not None and needs.gpu.required is True:
+            problems.append("hostRequirements.gpu: this environment class offers no GPUs")
+        if needs.cpus is not None and base.cpu is not None and needs.cpus > base.cpu:
+            problems.append(f"hostRequirements.cpus is {needs.cpus}, the environment class has {base.cpu:g}")
+        if needs.memory is not None and base.memory_mib is not None and needs.memory > base.memory_mib * 2**20:
+            problems.append(
+                f"hostRequirements.memory is {needs.memory / 2**30:.1f} GiB, the environment class has "
+                f"{base.memory_mib / 1024:.1f} GiB"
+            )
+        if needs.storage is not None and base.disk_gib is not None and needs.storage > base.disk_gib * 2**30:
+            problems.append(
+                f"hostRequirements.storage is {needs.storage / 2**30:.1f} GiB, the environment class has "
+                f"{base.disk_gib} GiB"
+            )
+    if problems:
+        raise PermanentError("; ".join(problems) + ": choose a larger environment class")

@@ -189,7 +189,9 @@ class EnvironmentReconciler:
             started = self._clock.now()
             made, before_create = await self._step(key, EnvironmentPhase.CREATING, self._make(environment))
             timings.update(before_create)
-            timings.update(made.timings or {"create": self._clock.now() - started})
+            for step, seconds in (made.timings or {"create": self._clock.now() - started}).items():
+                # The image may have been pulled while the dev container was resolved: the longer figure counts.
+                timings[step] = max(seconds, timings.get(step, 0.0))
             container = made
             drop = _START_STEPS
         if not container.running:

@@ -202,7 +202,13 @@ class Informer(Generic[ResourceT]):
         if kind is WatchEventType.DELETED or (self._owns is not None and not self._owns(item)):
             self._cache.pop(key, None)
         else:
+            cached = self._cache.get(key)
             self._cache[key] = item
+            if cached is not None and cached.metadata.resource_version == item.metadata.resource_version:
+                # The echo of a write of ours, already in the cache (``update``): nothing new to reconcile, and
+                # reconciling it would undo a retry's backoff.
+                self.resource_version = item.metadata.resource_version
+                return
         self.resource_version = item.metadata.resource_version
         self._on_change(key)
 

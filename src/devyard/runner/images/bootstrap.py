@@ -19,7 +19,8 @@ from devyard.runner.images.store import ImageStore
 
 __all__ = ["DEFAULT_PACKAGES", "bootstrap_debian", "host_debian_mirror"]
 
-DEFAULT_PACKAGES = ("bash", "ca-certificates", "git", "sudo")
+#: What a development environment expects of a base image (as the Dev Containers base images have them).
+DEFAULT_PACKAGES = ("bash", "ca-certificates", "git", "procps", "python3", "sudo")
 _FALLBACK_MIRROR = "http://deb.debian.org/debian"
 _URI = re.compile(r"(?:^URIs:\s*|^deb\s+(?:\[[^\]]*\]\s+)?)(\S+)", re.MULTILINE)
 

@@ -155,6 +155,13 @@ class LinuxRuntime:
             mode = directory.stat().st_mode
             if mode & 0o011 != 0o011:
                 directory.chmod(stat.S_IMODE(mode) | 0o011)
+        for parent in state_dir.resolve().parents:
+            if parent.stat().st_mode & 0o001 == 0:
+                raise PermanentError(
+                    f"{parent} is closed to other users (mode {stat.S_IMODE(parent.stat().st_mode):o}), so containers "
+                    f"cannot reach their root file systems under {state_dir}: use a state directory whose parents "
+                    "others may search (as /var/lib), or chmod o+x the parent"
+                )
         self._locks: dict[str, asyncio.Lock] = {}
         self._network_ready = False
         #: What each create in progress is doing, for ``progress``.
