@@ -5,10 +5,13 @@ what the pool does with its connections (kept, reused, dropped when the server c
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -27,11 +30,17 @@ class _Script:
 
 
 @contextmanager
-def _server(script: _Script) -> Iterator[str]:
+def _server(script: _Script, tls: ssl.SSLContext | None = None) -> Iterator[str]:
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
     def serve(connection: socket.socket) -> None:
+        if tls is not None:
+            try:
+                connection = tls.wrap_socket(connection, server_side=True)
+            except (ssl.SSLError, OSError):
+                connection.close()
+                return  # the client refused the certificate
         reader = connection.makefile("rb")
         answered = 0
         with connection, reader:
@@ -70,7 +79,8 @@ def _server(script: _Script) -> Iterator[str]:
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/prefix"
+        scheme = "https" if tls is not None else "http"
+        yield f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/prefix"
     finally:
         stop.set()
         thread.join(5)
@@ -175,3 +185,30 @@ def test_nothing_listening_is_no_answer_before_sending() -> None:
     with pytest.raises(_connections.NoAnswer) as info:
         _pool(url).request("POST", "/x", body={})
     assert info.value.connect
+
+
+def self_signed_certificate(directory: Path, name: str) -> Path:
+    """A self-signed certificate for 127.0.0.1, made by openssl; its key is in the same file."""
+    path = directory / f"{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(path), "-out", str(path)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return path
+
+
+def test_https_trusts_the_certificates_it_is_told_to_and_no_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_certificate, other = self_signed_certificate(tmp_path, "server"), self_signed_certificate(tmp_path, "other")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(server_certificate)
+    script = _Script([_answer(b"over tls")])
+    with _server(script, tls) as url:
+        monkeypatch.setenv("SSL_CERT_FILE", str(other))
+        with pytest.raises(_connections.NoAnswer, match="CERTIFICATE_VERIFY_FAILED") as info:
+            _pool(url).request("GET", "/x")
+        assert info.value.connect
+        monkeypatch.setenv("SSL_CERT_FILE", str(server_certificate))
+        assert _pool(url).request("GET", "/x").body == b"over tls"

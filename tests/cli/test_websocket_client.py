@@ -4,9 +4,11 @@ pings, the close handshake, refusals, and messages over the limit."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from websockets.datastructures import Headers
@@ -15,19 +17,21 @@ from websockets.sync.server import ServerConnection, serve
 
 from devyard.client import _connections
 
+from .test_http_connections import self_signed_certificate
+
 Handler = Callable[[ServerConnection], None]
 
 
 @contextmanager
-def _server(handler: Handler, refuse: Response | None = None) -> Iterator[str]:
+def _server(handler: Handler, refuse: Response | None = None, tls: ssl.SSLContext | None = None) -> Iterator[str]:
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
         return refuse
 
-    with serve(handler, "127.0.0.1", 0, process_request=process_request, compression=None) as server:
+    with serve(handler, "127.0.0.1", 0, process_request=process_request, compression=None, ssl=tls) as server:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            yield f"ws://127.0.0.1:{server.socket.getsockname()[1]}/v1/test"
+            yield f"{'wss' if tls else 'ws'}://127.0.0.1:{server.socket.getsockname()[1]}/v1/test"
         finally:
             server.shutdown()
             thread.join(10)
@@ -99,3 +103,15 @@ def test_nothing_listening_is_no_answer() -> None:
     with pytest.raises(_connections.NoAnswer) as info:
         _connections.open_websocket(url, {}, timeout=10)
     assert info.value.connect
+
+
+def test_wss_checks_the_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    certificate = self_signed_certificate(tmp_path, "gateway")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certificate)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    with _server(_echo, tls=tls) as url, _connections.open_websocket(url, {"Authorization": "x"}, timeout=10) as ws:
+        assert url.startswith("wss://")
+        assert ws.receive(timeout=10) == "x"
+        ws.send_binary(b"\x00secret")
+        assert ws.receive(timeout=10) == b"\x00secret"

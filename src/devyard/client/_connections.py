@@ -160,7 +160,7 @@ class ConnectionPool:
         """A GET whose body is read as it comes, on a connection of its own that is closed afterwards (the caller
         may stop early). The idle connections stay for the requests after it: ``env create -- CMD`` asks for its
         ticket the moment the watch says Running, and a connection (TLS and all) made then would delay it."""
-        connection, head = self._send("GET", path, None, params, read_timeout=read_timeout, fresh=True)
+        connection, head = self._send("GET", path, None, params, streaming=True, read_timeout=read_timeout)
         try:
             yield Stream(connection, head)
         finally:
@@ -173,9 +173,11 @@ class ConnectionPool:
         body: Any,
         params: Mapping[str, Any] | None,
         *,
+        streaming: bool = False,
         read_timeout: float | None = None,
-        fresh: bool = False,
     ) -> tuple[_Connection, _Head]:
+        """Send a request and read the head of its answer: on an idle connection (or a new one), or, ``streaming``,
+        on a new one whose reads wait up to ``read_timeout``."""
         headers = dict(self._headers)
         content = b""
         if body is not None:
@@ -187,14 +189,14 @@ class ConnectionPool:
         target = self._prefix + path + _query(params)
         if any(character in target for character in " \r\n\t\0"):
             raise ValueError(f"a request path may not hold spaces or control characters: {target!r}")
-        connection = self._open() if fresh else self._take()
+        connection = self._open() if streaming else self._take()
         try:
             connection.send(method, target, headers, content)
         except OSError as exc:
             connection.close()
             raise NoAnswer(str(exc) or type(exc).__name__, connect=False) from exc
         try:
-            connection.settimeout(read_timeout if fresh else self._timeout)
+            connection.settimeout(read_timeout if streaming else self._timeout)
             return connection, connection.read_head(method)
         except (OSError, ValueError, EOFError) as exc:
             connection.close()
