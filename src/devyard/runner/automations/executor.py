@@ -129,6 +129,8 @@ class _Slot:
         self.lock = asyncio.Lock()
         #: The end of the latest run's output, for its failure message.
         self.tail = b""
+        #: Set once the latest run's process started (or could not): a stop waits for it to have one to signal.
+        self.launched = asyncio.Event()
 
     @property
     def active(self) -> bool:
@@ -200,7 +202,7 @@ class AutomationsExecutor:
             if service is not None:
                 self._set(slot, phase=AutomationPhase.STOPPING, message="stopping")
                 await self._stop_service(service, slot)
-            elif slot.process is None and slot.worker is not None:
+            elif slot.status.phase is AutomationPhase.PENDING and slot.worker is not None:
                 # Still waiting for what it depends on: it never ran.
                 slot.worker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -263,6 +265,7 @@ class AutomationsExecutor:
             if slot.active:
                 return
             slot.stopping = False
+            slot.launched.clear()
             self._set(
                 slot,
                 phase=AutomationPhase.STARTING,
@@ -353,6 +356,7 @@ class AutomationsExecutor:
                 workers[task.id] = slot.worker  # already running: its dependants wait for that run
                 continue
             slot.stopping = False
+            slot.launched.clear()
             self._set(
                 slot,
                 phase=AutomationPhase.PENDING,
@@ -400,12 +404,14 @@ class AutomationsExecutor:
         """Start ``command`` for ``slot``; a task that copies its output to the log and returns its exit code, or
         None when it could not be started (the slot is then failed)."""
         request = ExecRequest(argv=["/bin/sh", "-c", _WRAPPER, _MARKER, command])
+        slot.launched.clear()
         try:
             process = await self._runtime.open_exec(self._environment_id, request)
         except RunnerError as exc:
             message = f"could not start: {exc}"
             await slot.writer.line(message)
             self._set(slot, phase=AutomationPhase.FAILED, message=message, finished_at=_now())
+            slot.launched.set()
             return None
         process.stdin.close()
         slot.process, slot.tail = process, b""
@@ -419,6 +425,7 @@ class AutomationsExecutor:
         else:
             slot.process_id = process_id
             self._write_record(slot.status.id, process_id, trigger)
+        slot.launched.set()
         return asyncio.create_task(self._copy_output(slot, process))
 
     async def _copy_output(self, slot: _Slot, process: ExecProcess) -> int:
@@ -439,6 +446,10 @@ class AutomationsExecutor:
 
     async def _terminate(self, slot: _Slot, grace: float) -> None:
         """SIGTERM to the slot's process and its descendants, then SIGKILL after ``grace`` seconds."""
+        if slot.active and not slot.launched.is_set():
+            # Asked to stop while its process is being started: wait for a process to signal.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(slot.launched.wait(), _MARKER_TIMEOUT)
         process_id, process = slot.process_id, slot.process
         if process is None:
             return

@@ -108,12 +108,16 @@ class Automations:
                 pending.extend(task.depends_on)
         ordered: list[Task] = []
         placed: set[str] = set()
-        # The file has no cycles, so each pass places at least one task.
+        # Each step places the first task of the file whose dependencies are placed; the file has no cycles, so
+        # there is always one.
         while len(ordered) < len(wanted):
-            for task in self.tasks:
-                if task.id in wanted and task.id not in placed and all(d in placed for d in task.depends_on):
-                    ordered.append(task)
-                    placed.add(task.id)
+            task = next(
+                task
+                for task in self.tasks
+                if task.id in wanted and task.id not in placed and all(d in placed for d in task.depends_on)
+            )
+            ordered.append(task)
+            placed.add(task.id)
         return tuple(ordered)
 
 
@@ -258,9 +262,9 @@ class _Reader:
                 start = self.optional_string(commands.get("start"), f"the start command of {what}")
                 ready = self.optional_string(commands.get("ready"), f"the ready command of {what}")
                 stop = self.optional_string(commands.get("stop"), f"the stop command of {what}")
-                if not (start or "").strip() and "start" not in commands:
+                if "start" not in commands or _is_null(commands["start"]):
                     self.problem(commands_node, f"{what} has no 'commands.start'")
-                elif not (start or "").strip():
+                elif start is not None and not start.strip():
                     self.problem(commands["start"], f"the start command of {what} is empty")
         if len(self.problems) > before or start is None:
             return None
