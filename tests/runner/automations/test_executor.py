@@ -167,7 +167,9 @@ services:
     await eventually(phase_is(executor, "slow", Phase.FAILED), what="slow to fail")
     status = executor.status("slow")
     assert status.message == "not ready within 0.5 s (the ready command said: still warming up)"
-    assert status.exit_code is not None and status.exit_code != 0
+    # SIGTERM was enough: it was not killed after the grace period.
+    assert status.exit_code == 128 + 15
+    assert "killing it" not in log_path(tmp_path / "logs", ENV, "slow").read_text()
     assert recorder.phases("slow") == [Phase.STARTING, Phase.FAILED]
     await eventually(lambda: not alive(int(child.read_text())), what="the service to be gone")
 

@@ -123,6 +123,8 @@ class _Slot:
         self.status = status
         self.writer = writer
         self.process: ExecProcess | None = None
+        #: Copies the process's output and returns its exit code, while it runs.
+        self.output: asyncio.Task[int] | None = None
         self.process_id: _ProcessId | None = None
         self.worker: asyncio.Task[bool] | None = None
         self.stopping = False
@@ -425,8 +427,9 @@ class AutomationsExecutor:
         else:
             slot.process_id = process_id
             self._write_record(slot.status.id, process_id, trigger)
+        slot.output = asyncio.create_task(self._copy_output(slot, process))
         slot.launched.set()
-        return asyncio.create_task(self._copy_output(slot, process))
+        return slot.output
 
     async def _copy_output(self, slot: _Slot, process: ExecProcess) -> int:
         async def copy(stream: asyncio.StreamReader) -> None:
@@ -455,9 +458,10 @@ class AutomationsExecutor:
             return
         if process_id is None or not await self._signal_tree(process_id, "TERM"):
             await process.signal(signal.SIGTERM)
-        if slot.worker is not None:
-            await asyncio.wait([slot.worker], timeout=grace)
-            if not slot.active:
+        # The process's end, not the worker's: the worker itself terminates a service that never got ready.
+        if slot.output is not None:
+            await asyncio.wait([slot.output], timeout=grace)
+            if slot.output.done():
                 return
         await slot.writer.line(f"still running {grace:g} s after SIGTERM: killing it")
         if process_id is None or not await self._signal_tree(process_id, "KILL"):
