@@ -22,6 +22,7 @@ LAZY_COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "login": ("devyard.cli.login:login", "Save a server and a token in the config file."),
     "whoami": ("devyard.cli.login:whoami", "Show who the configured credential belongs to."),
     "env": ("devyard.cli.environments:env", "Create, list, start, stop and delete environments."),
+    "automations": ("devyard.cli.automations:automations", "List, start and stop an environment's services and tasks."),
     "class": ("devyard.cli.environment_classes:environment_class", "Manage environment classes."),
     "project": ("devyard.cli.projects:project", "Manage projects."),
     "secret": ("devyard.cli.secrets:secret", "Manage secrets."),

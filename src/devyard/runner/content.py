@@ -163,12 +163,19 @@ def _copy_folder(source: str, target: Path, desktop: bool) -> None:
         raise PermanentError(f"the local folder {source!r} must be an absolute path")
     if not folder.is_dir():
         raise PermanentError(f"the local folder {source} does not exist or is not a folder")
+    # The runner's own state may live inside the folder (a state directory kept beside a project): copying it
+    # would copy the copy being made, and the runner's secrets with it.
+    here = target.resolve().parent
+
+    def runner_state(directory: str, names: list[str]) -> set[str]:
+        return {name for name in names if here.is_relative_to(Path(directory, name).resolve())}
+
     try:
         # Copies, never hard links: the environment writes to its workspace, and the user's files must not change.
-        shutil.copytree(folder, target, symlinks=True, copy_function=_copy_regular_file)
+        shutil.copytree(folder, target, symlinks=True, copy_function=_copy_regular_file, ignore=runner_state)
     except shutil.Error as exc:
         failures = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
-        first = f"{failures[0][0]}: {failures[0][2]}" if failures else str(exc)
+        first = f"{failures[0][0]}: {failures[0][2]}"[:400] if failures else str(exc)[:400]
         raise PermanentError(f"could not copy {source} ({len(failures) or 1} files failed; first {first})") from None
     except OSError as exc:
         raise PermanentError(f"could not copy {source}: {exc.filename}: {exc.strerror}") from None

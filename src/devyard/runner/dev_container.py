@@ -335,6 +335,17 @@ class DevContainers:
         document = {"container": fired[0], "start": fired[1]}
         write_atomically(self.directory(environment_id) / "triggers.json", json.dumps(document).encode())
 
+    def handled_requests(self, environment_id: str) -> dict[str, str]:
+        """Automation id -> the id of the last request to start or stop it that the runner acted on."""
+        try:
+            document = json.loads((self.directory(environment_id) / "requests.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in document.items()} if isinstance(document, dict) else {}
+
+    def keep_handled_requests(self, environment_id: str, handled: Mapping[str, str]) -> None:
+        write_atomically(self.directory(environment_id) / "requests.json", json.dumps(dict(handled)).encode())
+
     def remove(self, environment_id: str) -> None:
         shutil.rmtree(self.directory(environment_id), ignore_errors=True)
         shutil.rmtree(self.logs(environment_id), ignore_errors=True)

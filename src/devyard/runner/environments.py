@@ -56,6 +56,7 @@ from devyard.runner.runtime import ContainerSpec, ContainerStatus, Runtime
 from devyard.wire.automations import AutomationTrigger
 from devyard.wire.environment_classes import EnvironmentClass
 from devyard.wire.environments import (
+    AutomationAction,
     DesiredPhase,
     Environment,
     EnvironmentPhase,
@@ -281,12 +282,32 @@ class EnvironmentReconciler:
             await executor.recover()
         fired = self._dev_containers.fired_triggers(key)
         created, started = _timestamp(container.created_at), _timestamp(container.started_at)
-        if fired == (created, started):
+        if fired != (created, started):
+            self._dev_containers.keep_fired_triggers(key, (created, started))
+            if fired is None or fired[0] != created:
+                await executor.on_trigger(AutomationTrigger.POST_DEVCONTAINER_START)
+            await executor.on_trigger(AutomationTrigger.POST_ENVIRONMENT_START)
+        await self._handle_automation_requests(key, executor)
+
+    async def _handle_automation_requests(self, key: str, executor: AutomationsExecutor) -> None:
+        """Start or stop what people asked for, each request once (what was handled is kept across restarts)."""
+        assert self._dev_containers is not None
+        environment = self._informer.get(key)
+        if environment is None:
             return
-        self._dev_containers.keep_fired_triggers(key, (created, started))
-        if fired is None or fired[0] != created:
-            await executor.on_trigger(AutomationTrigger.POST_DEVCONTAINER_START)
-        await executor.on_trigger(AutomationTrigger.POST_ENVIRONMENT_START)
+        handled = self._dev_containers.handled_requests(key)
+        known = {status.id for status in executor.statuses()}
+        for automation_id, request in environment.spec.automation_requests.items():
+            if handled.get(automation_id) == request.request_id:
+                continue
+            handled[automation_id] = request.request_id
+            self._dev_containers.keep_handled_requests(key, handled)
+            if automation_id not in known:
+                log.warning("%s: no automation %r to %s", key, automation_id, request.action)
+            elif request.action is AutomationAction.START:
+                await executor.start(automation_id)
+            else:
+                await executor.stop(automation_id)
 
     async def _stop_automations(self, key: str) -> None:
         executor = self._automations.pop(key, None)
@@ -419,7 +440,7 @@ class EnvironmentReconciler:
     def _with_automations(self, key: str, status: EnvironmentStatus, generation: int) -> EnvironmentStatus:
         """``status`` with the automations' statuses, and the Automations condition when the file is refused."""
         executor = self._automations.get(key)
-        automations = [a.model_dump(mode="json") for a in executor.statuses()] if executor is not None else []
+        automations = executor.statuses() if executor is not None else []
         conditions = status.conditions
         problem = self._automation_problems.get(key)
         if problem is not None:

@@ -14,7 +14,9 @@ newline, as its stdout (like ``echo``). Tests and demos may rely on exactly that
 host subprocess (``host_process``), as the runner's own user, in a scratch directory of the fake container (its
 working directory; ``cwd`` relative to it, except that a path under a workspace mount's target is in
 ``workspace``), with a pseudo-terminal when ``tty``; the spec's ``remote_env`` and ``workdir`` apply, its
-``remote_user`` does not (there is only the runner's user). It is a test double, and
+``remote_user`` does not (there is only the runner's user). Those processes belong to the fake container: ``stop``
+and ``delete`` kill them (their process groups), and so does ``close``, so that no test or ``devyard down`` leaves
+programs of a fake environment running on the host. It is a test double, and
 ``devyard up`` uses it only when not root, so it grants nothing the user does not already have; a ``user`` other
 than the runner's own is refused. The scratch directories live beside the state file (else in a temporary
 directory, removed by ``close``) and go with their container's ``delete``.
@@ -29,12 +31,14 @@ runs without one.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import shlex
 import shutil
+import signal
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +117,8 @@ class FakeRuntime:
         self._scratch_is_temporary = False
         #: Environment id -> when its create began, while it runs.
         self._creating: dict[str, float] = {}
+        #: The processes ``open_exec`` started, by environment, killed with their container.
+        self._processes: dict[str, list[HostProcess]] = {}
         #: Image reference -> its labels, as ``image_labels`` answers (none for images not here).
         self.labels_of_images: dict[str, dict[str, str]] = {}
         #: How many times each operation was called; for benchmarks, not for assertions on call order.
@@ -188,10 +194,12 @@ class FakeRuntime:
         current = self._get(environment_id)
         if current.state is not ContainerState.RUNNING:
             return current
+        self._kill_processes(environment_id)
         return self._put(dataclasses.replace(current, state=ContainerState.STOPPED, finished_at=_now(), exit_code=0))
 
     async def delete(self, environment_id: str) -> None:
         await self._operation("delete")
+        self._kill_processes(environment_id)
         if self._containers.pop(environment_id, None) is not None:
             self._save()
         if self._scratch_root is not None:
@@ -253,7 +261,10 @@ class FakeRuntime:
         }
         if request.tty:
             env.setdefault("TERM", "xterm-256color")
-        return await start_host_process(request.argv, env=env, cwd=cwd, tty=request.tty, size=request.size)
+        process = await start_host_process(request.argv, env=env, cwd=cwd, tty=request.tty, size=request.size)
+        running = [p for p in self._processes.get(environment_id, []) if not p.exited]
+        self._processes[environment_id] = [*running, process]
+        return process
 
     async def inspect(self, environment_id: str) -> ContainerStatus | None:
         await self._operation("inspect")
@@ -267,6 +278,8 @@ class FakeRuntime:
         return []  # every change is one atomic write of the state file: nothing is ever half-done
 
     async def close(self) -> None:
+        for environment_id in list(self._processes):
+            self._kill_processes(environment_id)
         self._save()
         if self._scratch_is_temporary and self._scratch_root is not None:
             shutil.rmtree(self._scratch_root, ignore_errors=True)
@@ -297,6 +310,11 @@ class FakeRuntime:
             kind = "permanent" if self.config.failure_permanent else "temporary"
             message = f"random {kind} failure of {name}"
             raise (PermanentError if self.config.failure_permanent else TemporaryError)(message)
+
+    def _kill_processes(self, environment_id: str) -> None:
+        for process in self._processes.pop(environment_id, []):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
 
     def _host_path(self, environment_id: str, spec: ContainerSpec, path: str) -> Path:
         """Where a path inside the fake container is: in the workspace under a workspace mount's target, else

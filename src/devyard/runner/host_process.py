@@ -70,6 +70,11 @@ class HostProcess:
     def pid(self) -> int:
         return self._process.pid
 
+    @property
+    def exited(self) -> bool:
+        """Whether the process is known to have exited (it was waited for)."""
+        return self._process.returncode is not None
+
     async def resize(self, rows: int, columns: int) -> None:
         if self._terminal is None:
             return

@@ -8,10 +8,13 @@ from datetime import datetime
 from pydantic import Field, model_validator
 
 from devyard.wire import git_context
+from devyard.wire.automations import AutomationStatus
 from devyard.wire.meta import Condition, MetadataPatch, MetadataWrite, ReadModel, Resource, WriteModel
 
 __all__ = [
     "Admission",
+    "AutomationAction",
+    "AutomationRequest",
     "ContentSpec",
     "DesiredPhase",
     "Environment",
@@ -97,6 +100,19 @@ class ContentSpec(WriteModel):
         return self
 
 
+class AutomationAction(enum.StrEnum):
+    START = "start"
+    STOP = "stop"
+
+
+class AutomationRequest(WriteModel):
+    """A person's request to start or stop one automation (``devyard automations start ENV ID``). The runner acts
+    on each ``request_id`` once; a new id asks again (a task run again, say)."""
+
+    action: AutomationAction
+    request_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
 class PortSpec(WriteModel):
     port: int = Field(ge=1, le=65535)
     name: str = Field(default="", max_length=100)
@@ -120,6 +136,8 @@ class EnvironmentSpec(WriteModel):
     #: Secret ids to give the environment, besides those its scope gives it anyway.
     secrets: list[str] = Field(default_factory=list, max_length=100)
     project_id: str | None = None
+    #: Automation id -> the latest request to start or stop it by hand.
+    automation_requests: dict[str, AutomationRequest] = Field(default_factory=dict, max_length=200)
 
 
 class EnvironmentSpecPatch(WriteModel):
@@ -135,6 +153,7 @@ class EnvironmentSpecPatch(WriteModel):
     ports: list[PortSpec] | None = Field(default=None, max_length=100)
     env: dict[str, str] | None = None
     secrets: list[str] | None = Field(default=None, max_length=100)
+    automation_requests: dict[str, AutomationRequest] | None = Field(default=None, max_length=200)
 
 
 class SSHEndpoint(ReadModel):
@@ -163,7 +182,8 @@ class EnvironmentStatus(ReadModel):
     timings: dict[str, float] = Field(default_factory=dict)
     last_activity_at: datetime | None = None
     snapshot: str | None = None
-    automations: list[dict[str, object]] = Field(default_factory=list)
+    #: The automations (services and tasks) and where each stands.
+    automations: list[AutomationStatus] = Field(default_factory=list)
     message: str = ""
 
 
