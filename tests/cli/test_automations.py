@@ -4,6 +4,7 @@ tasks run by hand in dependency order, a service stopped by hand, and the output
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -52,10 +53,8 @@ def state_dir(tmp_path: Path, cli: Cli) -> Iterator[Path]:
     pid_file = path / "daemon.pid"
     text = pid_file.read_text().strip() if pid_file.exists() else ""
     if text.isdigit():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(text), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def wait_for(read: Callable[[], Any], done: Callable[[Any], bool], what: str, timeout: float = 60.0) -> Any:

@@ -106,7 +106,8 @@ def test_up_again_reuses_the_daemon_and_the_environment(cli: Cli, state_dir: Pat
     repository = cli(
         "up", url, "--ref", "main", "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json"
     ).json()
-    assert repository["environment"]["spec"]["content"]["git"] == {"url": url, "ref": "main", "depth": None, "filter": None}
+    git_content = repository["environment"]["spec"]["content"]["git"]
+    assert git_content == {"url": url, "ref": "main", "depth": None, "filter": None}
     assert repository["environment"]["status"]["phase"] == "running"
     assert len(cli("env", "list", "-o", "json").json()["items"]) == 3
 
