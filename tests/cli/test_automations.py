@@ -98,3 +98,26 @@ def test_automations_run_by_the_start_and_by_hand(cli: Cli, state_dir: Path, rep
     unknown = cli("automations", "start", environment_id, "nope", ok=False)
     assert "no automation 'nope'" in unknown.stderr
     assert "build" in unknown.stderr  # it says which there are
+
+
+def test_rebuild_makes_the_container_again_and_keeps_the_workspace(cli: Cli, state_dir: Path, repository: Path) -> None:
+    (repository / ".devcontainer").mkdir()
+    (repository / ".devcontainer" / "devcontainer.json").write_text(
+        '{"image": "busybox", "onCreateCommand": "echo created >> created.txt", "postStartCommand": "echo started"}'
+    )
+    up = cli("up", str(repository), "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json").json()
+    environment_id = up["environment"]["metadata"]["id"]
+    cli("env", "exec", environment_id, "--", "sh", "-c", "echo mine > notes.txt")
+
+    def created() -> str:
+        return cli("env", "exec", environment_id, "--", "cat", "created.txt", ok=None).stdout
+
+    wait_for(created, lambda text: text == "created\n", "the first onCreateCommand")
+    before = cli("env", "get", environment_id, "-o", "json").json()
+
+    rebuilt = cli("env", "rebuild", environment_id, "--wait", "-o", "json").json()
+    assert rebuilt["status"]["phase"] == "running"
+    assert rebuilt["status"]["observed_generation"] > before["status"]["observed_generation"]
+    # The hooks of a new container ran again, in the same workspace, whose files are all still there.
+    wait_for(created, lambda text: text == "created\ncreated\n", "onCreateCommand again after the rebuild")
+    assert cli("env", "exec", environment_id, "--", "cat", "notes.txt").stdout == "mine\n"

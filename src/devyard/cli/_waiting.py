@@ -122,7 +122,9 @@ def _reached(environment: dict[str, Any], target: str) -> bool:
     status = environment.get("status") or {}
     phase = status.get("phase")
     current = int(status.get("observed_generation") or 0) >= int(metadata.get("generation") or 1)
-    if phase == target:
+    if phase == target and (current or target == DELETED):
+        # Not before the runner acted on the latest spec: a rebuild asked of a running environment is not done
+        # while it still shows the old generation running.
         return True
     if phase == "failed" and current:
         raise WaitFailed(f"environment {metadata.get('id')} failed: {describe_status(environment)}")

@@ -341,6 +341,25 @@ def stop_environment(invocation: Invocation, environment: str, wait: bool, wait_
     _set_desired_phase(invocation, environment, "stopped", wait, wait_timeout)
 
 
+@env.command("rebuild")
+@click.argument("environment")
+@wait_options
+@api_command
+def rebuild_environment(invocation: Invocation, environment: str, wait: bool, wait_timeout: float) -> None:
+    """Make the environment's dev container again from its definition (after a change to devcontainer.json or
+    its Dockerfile, say); the workspace and its files are kept. Its onCreate and postCreate hooks run again."""
+    import secrets
+
+    client = invocation.client()
+    changed = client.patch(
+        _path(invocation, environment), {"spec": {"desired_phase": "running", "rebuild_request": secrets.token_hex(8)}}
+    )
+    if wait:
+        wait_and_emit(invocation, changed, "running", wait_timeout, "Environment {id} is rebuilt and running.")
+    else:
+        invocation.emit(changed, lambda data: _summary(data, "Rebuilding environment {id}."))
+
+
 @env.command("delete")
 @click.argument("environment")
 @wait_options

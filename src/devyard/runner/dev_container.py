@@ -68,6 +68,8 @@ class Prepared:
     plan: lifecycle.LifecyclePlan
     #: The automations file inside the workspace, relative to it, if there is one.
     automations_file: str | None = None
+    #: The ``spec.rebuild_request`` this container is made for.
+    rebuild_request: str | None = None
     #: Seconds per step: ``content``, ``build``.
     timings: Mapping[str, float] = field(default_factory=dict)
 
@@ -110,7 +112,9 @@ class DevContainers:
         timings: dict[str, float] = {}
         content = environment.spec.content
         if content is None:
-            return Prepared(spec=base, plan=lifecycle.LifecyclePlan())
+            bare = Prepared(spec=base, plan=lifecycle.LifecyclePlan(), rebuild_request=environment.spec.rebuild_request)
+            self._keep(key, bare)
+            return bare
         workspace = self.runtime.workspace(key)
         fetched = await fetch_content(content, workspace, credentials=git_credentials(secrets), desktop=self.desktop)
         timings["content"] = round(fetched.seconds, 3)
@@ -134,7 +138,13 @@ class DevContainers:
         except RunnerError as exc:
             build_log.line(f"error: {exc}")
             raise
-        prepared = Prepared(spec=spec, plan=plan, automations_file=environment.spec.automations_path, timings=timings)
+        prepared = Prepared(
+            spec=spec,
+            plan=plan,
+            automations_file=environment.spec.automations_path,
+            rebuild_request=environment.spec.rebuild_request,
+            timings=timings,
+        )
         self._keep(key, prepared)
         return prepared
 
@@ -306,11 +316,18 @@ class DevContainers:
         return lifecycle.load_plan(self.directory(environment_id))
 
     def automations_file(self, environment_id: str) -> str | None:
+        return self._made_with(environment_id, "automations_file")
+
+    def rebuild_request(self, environment_id: str) -> str | None:
+        """The ``spec.rebuild_request`` the environment's container was made for."""
+        return self._made_with(environment_id, "rebuild_request")
+
+    def _made_with(self, environment_id: str, name: str) -> str | None:
         try:
             document = json.loads((self.directory(environment_id) / "dev-container.json").read_text())
         except (FileNotFoundError, ValueError):
             return None
-        found = document.get("automations_file")
+        found = document.get(name) if isinstance(document, dict) else None
         return str(found) if isinstance(found, str) else None
 
     def automations(self, environment_id: str) -> Automations | None:
@@ -353,7 +370,11 @@ class DevContainers:
     def _keep(self, environment_id: str, prepared: Prepared) -> None:
         directory = self.directory(environment_id)
         lifecycle.save_plan(directory, prepared.plan)
-        document: dict[str, Any] = {"automations_file": prepared.automations_file, "made_at": time.time()}
+        document: dict[str, Any] = {
+            "automations_file": prepared.automations_file,
+            "rebuild_request": prepared.rebuild_request,
+            "made_at": time.time(),
+        }
         write_atomically(directory / "dev-container.json", json.dumps(document).encode())
 
 

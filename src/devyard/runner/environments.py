@@ -186,6 +186,12 @@ class EnvironmentReconciler:
 
         timings: dict[str, float] = {}
         drop: tuple[str, ...] = ()
+        if container is not None and self._wants_rebuild(environment):
+            await self._report(key, EnvironmentPhase.CREATING, message="rebuilding the dev container")
+            await self._cancel_hooks(key)
+            await self._stop_automations(key)
+            await self._runtime.delete(key, keep_workspace=True)
+            container = None
         if container is None:
             started = self._clock.now()
             made, before_create = await self._step(key, EnvironmentPhase.CREATING, self._make(environment))
@@ -201,6 +207,12 @@ class EnvironmentReconciler:
             timings["start"] = self._clock.now() - started
             drop = drop or ("start", "hooks")
         return await self._after_start(environment, container, timings, drop)
+
+    def _wants_rebuild(self, environment: Environment) -> bool:
+        """Whether the spec asks for a rebuild the container was not made for."""
+        if self._dev_containers is None or environment.spec.rebuild_request is None:
+            return False
+        return self._dev_containers.rebuild_request(environment.metadata.id) != environment.spec.rebuild_request
 
     async def _make(self, environment: Environment) -> tuple[ContainerStatus, dict[str, float]]:
         """Fetch, resolve and create: the container, and the seconds spent before ``create``."""

@@ -197,13 +197,24 @@ class FakeRuntime:
         self._kill_processes(environment_id)
         return self._put(dataclasses.replace(current, state=ContainerState.STOPPED, finished_at=_now(), exit_code=0))
 
-    async def delete(self, environment_id: str) -> None:
+    async def delete(self, environment_id: str, *, keep_workspace: bool = False) -> None:
         await self._operation("delete")
         self._kill_processes(environment_id)
         if self._containers.pop(environment_id, None) is not None:
             self._save()
-        if self._scratch_root is not None:
-            shutil.rmtree(self._scratch_root / environment_id, ignore_errors=True)
+        if self._scratch_root is None:
+            return
+        scratch = self._scratch_root / environment_id
+        if not keep_workspace:
+            shutil.rmtree(scratch, ignore_errors=True)
+            return
+        for entry in scratch.iterdir() if scratch.is_dir() else ():
+            if entry.name == "workspace":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
 
     async def exec(
         self,

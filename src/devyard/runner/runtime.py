@@ -250,8 +250,9 @@ class Runtime(Protocol):
         """Stop the container, killing it after ``timeout`` seconds; its disk is kept."""
         ...
 
-    async def delete(self, environment_id: str) -> None:
-        """Remove the container and its disk, stopping it first if it runs; nothing if it does not exist."""
+    async def delete(self, environment_id: str, *, keep_workspace: bool = False) -> None:
+        """Remove the container and its disk, stopping it first if it runs; nothing if it does not exist.
+        ``keep_workspace``: all but the workspace (a rebuild makes the container again around it)."""
         ...
 
     async def exec(

@@ -138,6 +138,9 @@ class EnvironmentSpec(WriteModel):
     project_id: str | None = None
     #: Automation id -> the latest request to start or stop it by hand.
     automation_requests: dict[str, AutomationRequest] = Field(default_factory=dict, max_length=200)
+    #: A new value rebuilds the dev container (``devyard env rebuild``): the container is made again from the
+    #: repository's dev container definition; the workspace is kept.
+    rebuild_request: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class EnvironmentSpecPatch(WriteModel):
@@ -154,6 +157,7 @@ class EnvironmentSpecPatch(WriteModel):
     env: dict[str, str] | None = None
     secrets: list[str] | None = Field(default=None, max_length=100)
     automation_requests: dict[str, AutomationRequest] | None = Field(default=None, max_length=200)
+    rebuild_request: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class SSHEndpoint(ReadModel):

@@ -245,14 +245,15 @@ class LinuxRuntime:
                 record = self._write_record(dataclasses.replace(record, intent="stopped"))
             return await self._stop(record, info, self.stop_timeout if timeout is None else timeout)
 
-    async def delete(self, environment_id: str) -> None:
+    async def delete(self, environment_id: str, *, keep_workspace: bool = False) -> None:
         environment_id = _checked(environment_id)
         async with self._lock(environment_id):
             # The record goes first: from here on, whatever is left is an incomplete delete, and both the next
             # delete and repair finish it.
             with contextlib.suppress(FileNotFoundError):
                 (self._directory(environment_id) / "record.json").unlink()
-            await self._tear_down(environment_id)
+            # With keep_workspace, workspace.owner goes too: the container made next gives it to its own user.
+            await self._tear_down(environment_id, keep_workspace=keep_workspace)
 
     async def exec(
         self,
