@@ -363,3 +363,21 @@ def test_a_failing_post_create_command_fails_the_environment_and_leaves_it_open_
     assert inside(runner_host, environment_id, "ls /workspaces/failing").split() == ["created.txt"]
     wait_for(lambda: logs(admin, environment_id, "lifecycle"), lambda t: "the-hook-says-why" in t, what="logs")
     delete(runner_host, admin, environment_id)
+
+
+def test_a_hook_failing_after_wait_for_leaves_the_environment_running_with_the_hooks_condition_false(
+    runner_host: RunnerHost, admin: Client, repositories: GitServer, busybox_image: str
+) -> None:
+    config = {"image": busybox_image, "postCreateCommand": "echo too-late-to-fail >&2; exit 4"}
+    url = publish(repositories, "late.git", {".devcontainer/devcontainer.json": devcontainer(config)})
+    environment_id = create(admin, url)
+    reach(runner_host, admin, environment_id, "running")
+
+    def hooks_condition() -> dict[str, Any]:
+        found = [c for c in status(admin, environment_id)["conditions"] if c["type"] == "Hooks"]
+        return found[0] if found else {}
+
+    condition = wait_for(hooks_condition, lambda c: c.get("reason") == "HookFailed", what="the Hooks condition")
+    assert condition["status"] == "False" and "too-late-to-fail" in condition["message"], condition
+    assert status(admin, environment_id)["phase"] == "running"
+    delete(runner_host, admin, environment_id)
