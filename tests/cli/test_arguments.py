@@ -134,6 +134,28 @@ def test_git_urls(context: str) -> None:
     assert (content.git.url, content.git.ref) == (context, "main")
 
 
+@pytest.mark.parametrize(
+    ("pasted", "url", "ref"),
+    [
+        ("https://github.com/o/r/tree/feature/deep", "https://github.com/o/r", "feature/deep"),
+        ("github.com/o/r", "https://github.com/o/r", None),
+        ("https://gitlab.com/g/sub/r/-/tree/dev", "https://gitlab.com/g/sub/r", "dev"),
+        ("https://github.com/o/r.git#v1.2", "https://github.com/o/r.git", "v1.2"),
+    ],
+)
+def test_what_people_paste_becomes_a_url_and_a_ref(pasted: str, url: str, ref: str | None) -> None:
+    content = content_from_context(pasted)
+    assert content.git is not None
+    assert (content.git.url.removesuffix(".git"), content.git.ref) == (url.removesuffix(".git"), ref)
+
+
+def test_a_pasted_ref_and_ref_option_must_agree() -> None:
+    with pytest.raises(click.BadParameter, match="disagree"):
+        content_from_context("https://github.com/o/r/tree/main", ref="dev")
+    with pytest.raises(click.BadParameter, match="user name or password"):
+        content_from_context("https://me:secret@github.com/o/r.git")
+
+
 def test_a_folder_becomes_its_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path)

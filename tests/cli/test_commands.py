@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from support.live_server import LiveServer
+from support.repositories import make_repository
 
 from .conftest import DEVYARD, Cli, ssh_public_key
 
@@ -210,7 +211,11 @@ def runner_process(cli: Cli, server: LiveServer, admin_env: dict[str, str], tmp_
             "--runtime",
             "fake",
         ],
-        env={key: value for key, value in os.environ.items() if not key.startswith("DEVYARD_")},
+        # A desktop runner: the test's repository is a file:// URL (nothing leaves the machine).
+        env={
+            **{key: value for key, value in os.environ.items() if not key.startswith("DEVYARD_")},
+            "DEVYARD_RUNNER_DESKTOP": "true",
+        },
         stdin=subprocess.DEVNULL,
     )
     try:
@@ -220,12 +225,15 @@ def runner_process(cli: Cli, server: LiveServer, admin_env: dict[str, str], tmp_
         assert process.wait(30) == 0
 
 
-def test_environment_lifecycle_on_a_runner(cli: Cli, admin_env: dict[str, str], runner_process: str) -> None:
+def test_environment_lifecycle_on_a_runner(
+    cli: Cli, admin_env: dict[str, str], runner_process: str, tmp_path: Path
+) -> None:
     cli("class", "create", "small", "--runner", "here", "--default", env=admin_env)
+    url = make_repository(tmp_path / "app")
     created = cli(
         "env",
         "create",
-        "https://github.com/example/app.git",
+        url,
         "--ref",
         "main",
         "--name",
@@ -241,12 +249,12 @@ def test_environment_lifecycle_on_a_runner(cli: Cli, admin_env: dict[str, str], 
     ).json()
     assert created["status"]["phase"] == "running"
     assert created["status"]["runner_id"] == runner_process
-    assert created["spec"]["content"]["git"] == {"url": "https://github.com/example/app.git", "ref": "main"}
+    assert created["spec"]["content"]["git"] == {"url": url, "ref": "main", "depth": None, "filter": None}
     assert created["spec"]["env"] == {"GREETING": "hi"}
     assert created["spec"]["timeout"] == 3600
 
     shown = cli("env", "get", "app", env=admin_env).stdout
-    assert "running" in shown and "https://github.com/example/app.git#main" in shown
+    assert "running" in shown and f"{url}#main" in shown
 
     stopped = cli("env", "stop", "app", "--wait", "-o", "json", env=admin_env).json()
     assert (stopped["spec"]["desired_phase"], stopped["status"]["phase"]) == ("stopped", "stopped")

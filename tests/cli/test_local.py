@@ -7,11 +7,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from support.repositories import make_repository
 
 from .conftest import Cli
 
@@ -96,13 +97,7 @@ def test_up_again_reuses_the_daemon_and_the_environment(cli: Cli, state_dir: Pat
     other = cli("up", str(state_dir.parent), "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json").json()
     assert other["environment"]["metadata"]["id"] != first["environment"]["metadata"]["id"]
     # A git repository: on this desktop runner a file:// URL is content too (nothing leaves the machine).
-    work = state_dir.parent / "app"
-    subprocess.run(["git", "init", "--quiet", "--initial-branch=main", str(work)], check=True)
-    (work / "README.md").write_text("app\n")
-    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run([*git, "add", "README.md"], check=True)
-    subprocess.run([*git, "commit", "--quiet", "-m", "first"], check=True)
-    url = f"file://{work}"
+    url = make_repository(state_dir.parent / "app")
     repository = cli(
         "up", url, "--ref", "main", "--state-dir", str(state_dir), "--runtime", "fake", "-o", "json"
     ).json()

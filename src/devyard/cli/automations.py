@@ -64,13 +64,12 @@ def stop_automation(invocation: Invocation, environment: str, automation: str) -
 @click.argument("environment")
 @click.argument("automation", required=False)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the environment is deleted.")
-@click.pass_context
-def automation_logs(ctx: click.Context, environment: str, automation: str | None, follow: bool) -> None:
+@api_command
+def automation_logs(invocation: Invocation, environment: str, automation: str | None, follow: bool) -> None:
     """Print the output of one automation of ENVIRONMENT, or of all of them."""
-    from devyard.cli.logs import logs
+    from devyard.cli.logs import print_logs
 
-    stream = f"automations/{automation}" if automation else "automations/"
-    ctx.invoke(logs, environment=environment, stream=stream, follow=follow)
+    print_logs(invocation, environment, f"automations/{automation}" if automation else "automations/", follow)
 
 
 def _request(invocation: Invocation, environment: str, automation: str, action: str) -> None:

@@ -66,15 +66,29 @@ def content_from_context(context: str, ref: str | None = None) -> ContentSpec:
 
 
 def _content_json(context: str, ref: str | None) -> dict[str, Any]:
-    """``content_from_context`` as the API's JSON, without pydantic (``env create`` must start fast)."""
-    if is_git_url(context):
-        return {"git": {"url": context, "ref": ref}}
-    if ref is not None:
-        raise click.BadParameter("--ref applies to a git URL only", param_hint="--ref")
+    """``content_from_context`` as the API's JSON, without pydantic (``env create`` must start fast). A folder
+    that exists is a folder; anything else is read as what people paste of a repository (a clone URL, a
+    ``.../tree/BRANCH`` page, ``HOST/OWNER/REPO``, ``git@HOST:OWNER/REPO``, ``URL#REF``)."""
     folder = Path(context).expanduser()
-    if not folder.is_dir():
-        raise click.BadParameter(f"{context!r} is neither a folder nor a git URL", param_hint="CONTEXT")
-    return {"local_path": str(folder.resolve())}
+    if not is_git_url(context) and (folder.is_dir() or context.startswith(("/", ".", "~"))):
+        if not folder.is_dir():
+            raise click.BadParameter(f"{context!r} is neither a folder nor a git URL", param_hint="CONTEXT")
+        if ref is not None:
+            raise click.BadParameter("--ref applies to a git URL only", param_hint="--ref")
+        return {"local_path": str(folder.resolve())}
+    from devyard.wire import git_context
+
+    try:
+        parsed = git_context.parse_git_context(context, allow_local=True)
+    except ValueError as exc:
+        if not is_git_url(context) and "/" not in context:
+            raise click.BadParameter(f"{context!r} is neither a folder nor a git URL", param_hint="CONTEXT") from None
+        raise click.BadParameter(str(exc), param_hint="CONTEXT") from None
+    if ref is not None and parsed.ref is not None and ref != parsed.ref:
+        raise click.BadParameter(
+            f"--ref {ref} and the ref in {context!r} ({parsed.ref}) disagree: give one of them", param_hint="--ref"
+        )
+    return {"git": {"url": parsed.url, "ref": ref or parsed.ref}}
 
 
 #: Where ``_CreateCommand`` leaves the words after ``--`` for ``create_environment``.

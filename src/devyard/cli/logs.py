@@ -23,7 +23,7 @@ from devyard.cli._invocation import Invocation, api_command
 if TYPE_CHECKING:
     from devyard.client import Client
 
-__all__ = ["logs"]
+__all__ = ["logs", "print_logs"]
 
 _PAGE: Final = 1000
 _RECONNECT_DELAY: Final = 0.5
@@ -43,6 +43,11 @@ def logs(invocation: Invocation, environment: str, stream: str | None, follow: b
 
     With -o json: the chunks as the API gives them (with --follow, one JSON object a line).
     """
+    print_logs(invocation, environment, stream, follow)
+
+
+def print_logs(invocation: Invocation, environment: str, stream: str | None, follow: bool) -> None:
+    """What ``devyard env logs`` does; ``devyard automations logs`` too, with the automations' streams."""
     from devyard.cli._references import resolve_id
 
     client = invocation.client()
