@@ -89,14 +89,35 @@ def up(
                 invocation, content.model_dump(mode="json", exclude_none=True), name, image
             )
             final = _wait_running(invocation, environment, wait_timeout)
+            key_note = _offer_ssh_key(invocation)
     finally:
         invocation.close()
     daemon = _daemon_json(state, info, started)
     state_flag = "" if state.root == default_state_dir().expanduser().resolve() else f" --state-dir {state.root}"
     invocation.emit(
         {"daemon": daemon, "environment": final},
-        lambda data: _up_summary(data["environment"], daemon, reused, is_current, state_flag),
+        lambda data: _up_summary(data["environment"], daemon, reused, is_current, state_flag, key_note),
     )
+
+
+#: The public keys ``up`` offers the server when the user has none there yet, most preferred first.
+_DEFAULT_KEYS = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")
+
+
+def _offer_ssh_key(invocation: Invocation) -> str:
+    """Add the user's default public key (``~/.ssh/id_ed25519.pub``...) to the local server when it knows none of
+    theirs, so that ssh works at once; a line on what was done, or what to do."""
+    client = invocation.client()
+    items, _ = client.list_all("/api/v1/ssh-keys")
+    if items:
+        return ""
+    for name in _DEFAULT_KEYS:
+        path = Path.home() / ".ssh" / name
+        if path.is_file():
+            public_key = path.read_text().strip()
+            client.post("/api/v1/ssh-keys", {"metadata": {}, "spec": {"public_key": public_key}})
+            return f"Added your SSH key {path} to the local server."
+    return "No SSH key: add one with `devyard ssh-key add ~/.ssh/id_ed25519.pub` (ssh-keygen -t ed25519 makes one)."
 
 
 @click.command()
@@ -194,7 +215,12 @@ def _daemon_json(state: StateDir, info: DaemonInfo, started: bool) -> dict[str, 
 
 
 def _up_summary(
-    environment: dict[str, Any], daemon: dict[str, Any], reused: bool, is_current: bool, state_flag: str
+    environment: dict[str, Any],
+    daemon: dict[str, Any],
+    reused: bool,
+    is_current: bool,
+    state_flag: str,
+    key_note: str = "",
 ) -> RenderableType:
     from rich.console import Group
     from rich.text import Text
@@ -221,9 +247,27 @@ def _up_summary(
             if daemon.get("runtime") == "fake"
             else []
         ),
+        *([Text(key_note, style="dim")] if key_note else []),
         Text("Next:", style="bold"),
+        *_ssh_lines(environment, profile),
         Text(f"  devyard env exec {environment_id}{profile} -- bash      a shell inside"),
         Text(f"  devyard env get {environment_id}{profile}      show it"),
         Text(f"  devyard env stop {environment_id} --wait{profile}"),
         Text(f"  devyard down{state_flag}      stop the daemon"),
     )
+
+
+def _ssh_lines(environment: dict[str, Any], profile: str) -> list[RenderableType]:
+    """How to reach the environment with OpenSSH, when its runner offers SSH."""
+    from rich.text import Text
+
+    from devyard.cli.ssh import ssh_options
+
+    endpoint = (environment.get("status") or {}).get("ssh")
+    if not endpoint:
+        return []
+    raw = " ".join(["ssh", *ssh_options(), "-p", str(endpoint["port"]), f"{endpoint['user']}@{endpoint['host']}"])
+    return [
+        Text(f"  devyard env ssh {environment['metadata']['id']}{profile}      ssh into it (your keys and agent)"),
+        Text(f"  {raw}", style="dim"),
+    ]

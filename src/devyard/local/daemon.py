@@ -117,6 +117,7 @@ async def _serve(state: StateDir, port: int, runtime: str) -> int:
             gateway_listen="127.0.0.1:0",
             default_image=LOCAL_IMAGE,
             desktop=True,
+            ssh_listen="127.0.0.1:0",
         )
         async with AsyncClient(url, admin_token) as client:
             runner_id, exchange_token = await _ensure_runner(client, runner_settings.credential_path())

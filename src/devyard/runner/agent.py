@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import urllib.parse
 from collections.abc import Coroutine, Iterable
 from functools import partial
 from typing import IO, Any
@@ -46,7 +47,7 @@ from devyard.runner.dev_container import DevContainers
 from devyard.runner.environments import EnvironmentReconciler
 from devyard.runner.errors import CredentialError, RunnerError, StateDirInUse
 from devyard.runner.fake_runtime import FakeRuntime, FakeRuntimeConfig
-from devyard.runner.gateway import Gateway, TicketCheck
+from devyard.runner.gateway import Gateway, TicketCheck, parse_listen
 from devyard.runner.informer import Informer
 from devyard.runner.log_shipper import LogShipper
 from devyard.runner.runtime import Runtime
@@ -245,6 +246,7 @@ class Agent:
                 clock=self.clock,
                 dev_containers=self._dev_containers(),
                 requeue=self.queue.add,
+                ssh_endpoint=self.ssh_endpoint,
             )
             self.controller = Controller(reconciler, self.queue, workers=settings.workers)
             log.info(
@@ -271,7 +273,9 @@ class Agent:
                 self.ssh_gateway = ssh_gateway.SshGateway(
                     self.runtime, access, listen=settings.ssh_listen, host_key_path=settings.ssh_host_key_path()
                 )
-                loops.append(self._spawn(self.ssh_gateway.serve(), "runner-ssh-gateway"))
+                # Running environments report where to reach them by SSH: look at them again once it listens.
+                serving = self.ssh_gateway.serve(on_listening=self._queue_known)
+                loops.append(self._spawn(serving, "runner-ssh-gateway"))
             self._started.set()
             await _until_one_fails(loops)
         finally:
@@ -321,6 +325,12 @@ class Agent:
         for key in sorted(wanted):
             self.queue.add(key)
 
+    def _queue_known(self) -> None:
+        """Queue every environment the informer knows."""
+        known = self.informer.keys() if self.informer is not None else []
+        for key in known:
+            self.queue.add(key)
+
     async def _resync(self) -> None:
         interval = self.settings.resync_interval
         while True:
@@ -368,7 +378,6 @@ class Agent:
 
     def _status(self) -> dict[str, Any]:
         settings = self.settings
-        gateway = self.gateway
         return RunnerStatusWrite(
             status=RunnerStatus(
                 phase=RunnerPhase.ONLINE,
@@ -376,9 +385,33 @@ class Agent:
                 runtime=self.runtime.name,
                 hostname=settings.hostname,
                 capacity=settings.capacity,
-                gateway=GatewayEndpoint(http_url=gateway.url) if gateway is not None else None,
+                gateway=self._gateway_endpoint(),
             )
         ).model_dump(mode="json")
+
+    def _gateway_endpoint(self) -> GatewayEndpoint | None:
+        ssh = self.ssh_endpoint()
+        if self.gateway is None and ssh is None:
+            return None
+        return GatewayEndpoint(
+            http_url=self.gateway.url if self.gateway is not None else None,
+            ssh_host=ssh[0] if ssh else None,
+            ssh_port=ssh[1] if ssh else None,
+        )
+
+    def ssh_endpoint(self) -> tuple[str, int] | None:
+        """Where users reach the SSH gateway (host, port), once it listens: the host of ``gateway_url`` if one is
+        configured, else the listening address (the host's name when it listens on every address)."""
+        gateway = self.ssh_gateway
+        if gateway is None or gateway.port is None:
+            return None
+        settings = self.settings
+        host, _ = parse_listen(settings.ssh_listen)
+        if settings.gateway_url:
+            host = urllib.parse.urlsplit(settings.gateway_url).hostname or host
+        elif host in ("0.0.0.0", "::", ""):
+            host = settings.hostname
+        return host, gateway.port
 
     async def _pause(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less when something asks for a report sooner."""

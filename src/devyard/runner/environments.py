@@ -62,6 +62,7 @@ from devyard.wire.environments import (
     EnvironmentPhase,
     EnvironmentStatus,
     EnvironmentStatusWrite,
+    SSHEndpoint,
 )
 from devyard.wire.meta import Condition, ConditionStatus
 from devyard.wire.organizations import Organization
@@ -106,6 +107,7 @@ class EnvironmentReconciler:
         clock: Clock | None = None,
         dev_containers: DevContainers | None = None,
         requeue: Callable[[str], None] | None = None,
+        ssh_endpoint: Callable[[], tuple[str, int] | None] | None = None,
     ) -> None:
         self._client = client
         self._runtime = runtime
@@ -115,6 +117,8 @@ class EnvironmentReconciler:
         self._dev_containers = dev_containers
         #: Queues a reconcile of the key (the agent's work queue): how a finished hooks task asks to be looked at.
         self._requeue = requeue or (lambda key: None)
+        #: Where the runner's SSH gateway listens, reported in a running environment's ``status.ssh``.
+        self._ssh_endpoint = ssh_endpoint or (lambda: None)
         #: Environment id -> the task running its lifecycle hooks, and the hook it is at.
         self._hooks: dict[str, asyncio.Task[lifecycle.Outcome]] = {}
         self._hook_at: dict[str, str] = {}
@@ -489,6 +493,10 @@ class EnvironmentReconciler:
         current = environment.status
         wanted = _next_status(environment, phase, message, timings or {}, drop_timings, hooks)
         wanted = self._with_automations(key, wanted, environment.metadata.generation)
+        endpoint = self._ssh_endpoint() if phase is EnvironmentPhase.RUNNING else None
+        ssh = SSHEndpoint(host=endpoint[0], port=endpoint[1], user=key) if endpoint is not None else None
+        if wanted.ssh != ssh:
+            wanted = wanted.model_copy(update={"ssh": ssh})
         if wanted == current:
             return
         body = EnvironmentStatusWrite(status=wanted).model_dump(mode="json", exclude_none=False)

@@ -199,11 +199,14 @@ class SshGateway:
             self._server = None
         await asyncio.gather(*(session.end() for session in list(self._sessions)), return_exceptions=True)
 
-    async def serve(self, *, retry_delay: float = 5.0) -> None:
-        """Listen (retrying an address that cannot be bound, loudly) and serve until cancelled."""
+    async def serve(self, *, retry_delay: float = 5.0, on_listening: Callable[[], None] | None = None) -> None:
+        """Listen (retrying an address that cannot be bound, loudly) and serve until cancelled; ``on_listening``
+        is called once the port is known."""
         while True:
             try:
                 await self.start()
+                if on_listening is not None:
+                    on_listening()
                 break
             except OSError as exc:
                 log.error("the ssh gateway cannot listen on %s:%d, retrying: %s", self._host, self._port, exc)
