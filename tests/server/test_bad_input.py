@@ -527,12 +527,12 @@ def test_a_refused_create_leaves_no_part_of_itself(world: World) -> None:
 
 def test_derived_names_follow_the_name_pattern(world: World) -> None:
     """Names made from a repository, a secret's target or a key's fingerprint are DNS-label-like, at most 63
-    characters (regression: 'my repo!', and a PostgreSQL 500 past 100 characters)."""
+    characters (regression: 'my repo!', now 'My+Repo!' as URLs hold no spaces, and a PostgreSQL 500 past 100 characters)."""
     pattern = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
     long_tail = "A" * 150
     made = [
         world.ok("admin", "POST", PROJECT, {"spec": {"repository": f"https://example.com/{long_tail}.git"}}),
-        world.ok("admin", "POST", PROJECT, {"spec": {"repository": "https://example.com/My Repo!.git"}}),
+        world.ok("admin", "POST", PROJECT, {"spec": {"repository": "https://example.com/My+Repo!.git"}}),
         world.ok(
             "admin", "POST", "/api/v1/secrets", {"spec": {"type": "file", "target": "/home/u/My File", "value": "v"}}
         ),
