@@ -32,7 +32,7 @@ LABELS = {
     RUNC: "runc run -d + exec true (floor)",
     DOCKER: "docker run -d + exec true",
     DEVCONTAINER: "devcontainer up",
-    DEVYARD_CLI: "devyard env create --wait + exec (CLI)",
+    DEVYARD_CLI: "devyard env create -- true (CLI, one command)",
     DEVYARD_API: "devyard, same through the API",
     RUNC_ONE_SHOT: "one-shot: runc run true",
     DOCKER_ONE_SHOT: "one-shot: docker run --rm true",

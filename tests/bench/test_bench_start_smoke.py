@@ -80,7 +80,7 @@ def test_quick_run_measures_runc_the_cold_pull_and_devyard() -> None:
     assert _figures(output, "skopeo copy + umoci unpack")[3] == 1
     assert _figures(output, "devyard image store")[3] == 1
     assert re.search(r"target: devyard [\d.]+x the peer <= 1.2x (ok|MISS)", output), output
-    assert _figures(output, "devyard env create --wait + exec (CLI)")[3] == 1
+    assert _figures(output, "devyard env create -- true (CLI, one command)")[3] == 1
     assert _figures(output, "devyard, same through the API")[3] == 1
     assert re.search(r"runner PSS: [\d.]+ MiB before, [\d.]+ MiB with all running", output), output
     assert "devyard runtime linux" in output
@@ -93,7 +93,7 @@ def test_quick_run_on_the_fake_runtime_times_each_step_and_the_density() -> None
     host.require("docker-registry")
     with _nothing_left():
         output = _bench("--skip", "runc,docker,devcontainer,cold-pull", "--devyard-runtime", "fake")
-    assert _figures(output, "devyard env create --wait + exec (CLI)")[3] == 1
+    assert _figures(output, "devyard env create -- true (CLI, one command)")[3] == 1
     assert _figures(output, "devyard, same through the API")[3] == 1
     assert re.search(r"of which \(medians\): env create --wait [\d.]+, env exec [\d.]+", output), output
     assert re.search(r"of which \(medians\): create to running [\d.]+, exec \(access ticket", output), output
