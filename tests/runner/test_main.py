@@ -95,7 +95,9 @@ def test_run_runner_stops_cleanly_and_restarts_with_its_credential(
         assert [(c["environment_id"], c["state"]) for c in containers] == [(env_id, "running")]
         assert (state_dir / "credential.json").stat().st_mode & 0o777 == 0o600
 
-        # Again, without a token: the stored credential is enough.
+        # Again, without a token: the stored credential is enough. (The heartbeat to tell the new process by is
+        # one after the last of the old one, not after its first.)
+        first = runner()
         process = start_runner(live, "", state_dir, log)
         try:
             poll(
