@@ -97,7 +97,7 @@ def test_quick_run_on_the_fake_runtime_times_each_step_and_the_density() -> None
     assert _figures(output, "devyard, same through the API")[3] == 1
     assert re.search(r"of which \(medians\): env create --wait [\d.]+, env exec [\d.]+", output), output
     assert re.search(r"of which \(medians\): create to running [\d.]+, exec \(access ticket", output), output
-    assert re.search(r"target \(devyard env create --wait \+ exec \(CLI\)\): median [\d.]+ s <= 0.25 s", output)
+    assert re.search(r"target \(devyard env create -- true \(CLI, one command\)\): median [\d.]+ s <= 0.25 s", output)
     assert "== idle density: 3 environments on one runner ==" in output
     assert re.search(r"runner RSS: [\d.]+ MiB before, [\d.]+ MiB with all running", output), output
     assert re.search(r"exec true in one environment meanwhile: median [\d.]+ s, max [\d.]+ s \(n=5\)", output)
