@@ -157,30 +157,7 @@ class ChangeFeed:
 
     async def _listen(self) -> None:
         """LISTEN for other replicas' commits on a connection of its own; reconnect when it breaks."""
-        import asyncpg  # type: ignore[import-untyped]
-
-        url = self.database.engine.url.set(drivername="postgresql")
-        dsn = url.render_as_string(hide_password=False)
-        delay = 0.5
-        while True:
-            connection = None
-            try:
-                connection = await asyncpg.connect(dsn)
-                await connection.add_listener(resources.NOTIFY_CHANNEL, lambda *_: self.wake())
-                delay = 0.5
-                while not connection.is_closed():
-                    await asyncio.sleep(5)
-                    await connection.execute("SELECT 1")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("LISTEN connection lost (%s); polling until it is back", exc)
-            finally:
-                if connection is not None and not connection.is_closed():
-                    with contextlib.suppress(Exception):
-                        await connection.close()
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 30)
+        await listen_forever(self.database, resources.NOTIFY_CHANNEL, lambda _: self.wake(), "other replicas' commits")
 
     async def compact(self, retention: timedelta) -> int:
         """Drop changes older than ``retention``; returns how many went."""
@@ -272,3 +249,33 @@ async def _read_changes(feed: ChangeFeed, kind: str, cursor: int, limit: int = 1
         ).all()
     changes = [Change.from_row(row) for row in rows]
     return changes, changes[-1].revision if len(changes) == limit else floor
+
+
+async def listen_forever(database: Database, channel: str, on_notify: Callable[[str], None], what: str) -> None:
+    """LISTEN on ``channel`` (PostgreSQL) on a connection of its own, calling ``on_notify`` with each payload, and
+    reconnect with a jittered, capped backoff when the connection breaks; runs until cancelled. The change feed and
+    the log followers both wait this way; ``what`` names what is heard, for the log."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    url = database.engine.url.set(drivername="postgresql")
+    dsn = url.render_as_string(hide_password=False)
+    delay = 0.5
+    while True:
+        connection = None
+        try:
+            connection = await asyncpg.connect(dsn)
+            await connection.add_listener(channel, lambda *args: on_notify(str(args[-1])))
+            delay = 0.5
+            while not connection.is_closed():
+                await asyncio.sleep(5)
+                await connection.execute("SELECT 1")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("LISTEN %s for %s lost (%s); polling until it is back", channel, what, exc)
+        finally:
+            if connection is not None and not connection.is_closed():
+                with contextlib.suppress(Exception):
+                    await connection.close()
+        await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, 30)

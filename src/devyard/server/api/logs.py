@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
-from devyard.server import policy
+from devyard.server import policy, watch
 from devyard.server.api.context import Context, context, error_response
 from devyard.server.api.responses import ERRORS, JSONResponse
 from devyard.server.database.engine import Database
@@ -118,30 +117,7 @@ class LogBell:
                     await listener
 
     async def _listen(self) -> None:
-        import asyncpg  # type: ignore[import-untyped]
-
-        url = self.database.engine.url.set(drivername="postgresql")
-        dsn = url.render_as_string(hide_password=False)
-        delay = 0.5
-        while True:
-            connection = None
-            try:
-                connection = await asyncpg.connect(dsn)
-                await connection.add_listener(logs.NOTIFY_CHANNEL, lambda *args: self.ring(str(args[-1])))
-                delay = 0.5
-                while not connection.is_closed():
-                    await asyncio.sleep(5)
-                    await connection.execute("SELECT 1")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("LISTEN %s lost (%s); followers poll until it is back", logs.NOTIFY_CHANNEL, exc)
-            finally:
-                if connection is not None and not connection.is_closed():
-                    with contextlib.suppress(Exception):
-                        await connection.close()
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 30)
+        await watch.listen_forever(self.database, logs.NOTIFY_CHANNEL, self.ring, "log followers")
 
 
 @dataclass
