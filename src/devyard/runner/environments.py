@@ -268,7 +268,15 @@ class EnvironmentReconciler:
             await self._start_automations(key, container)
         phase = EnvironmentPhase.RUNNING if ready else EnvironmentPhase.STARTING
         message = "" if ready or hooks is None else hooks[2]
-        await self._report(key, phase, message=message, timings=timings, drop_timings=drop, hooks=hooks)
+        await self._report(
+            key,
+            phase,
+            message=message,
+            timings=timings,
+            drop_timings=drop,
+            hooks=hooks,
+            workspace_folder=container.spec.workdir,
+        )
         return Result()
 
     async def _start_automations(self, key: str, container: ContainerStatus) -> None:
@@ -485,8 +493,10 @@ class EnvironmentReconciler:
         timings: dict[str, float] | None = None,
         drop_timings: tuple[str, ...] = (),
         hooks: tuple[ConditionStatus, str, str] | None = None,
+        workspace_folder: str | None = None,
     ) -> None:
-        """Write the status for ``phase`` unless the server already has it."""
+        """Write the status for ``phase`` unless the server already has it; ``workspace_folder``, when given,
+        replaces the one reported (it stays through a stop: the container keeps it)."""
         environment = self._informer.get(key)
         if environment is None:
             return  # gone meanwhile; the next reconcile removes what is left
@@ -497,6 +507,8 @@ class EnvironmentReconciler:
         ssh = SSHEndpoint(host=endpoint[0], port=endpoint[1], user=key) if endpoint is not None else None
         if wanted.ssh != ssh:
             wanted = wanted.model_copy(update={"ssh": ssh})
+        if workspace_folder is not None and wanted.workspace_folder != workspace_folder:
+            wanted = wanted.model_copy(update={"workspace_folder": workspace_folder})
         if wanted == current:
             return
         body = EnvironmentStatusWrite(status=wanted).model_dump(mode="json", exclude_none=False)

@@ -181,6 +181,8 @@ class EnvironmentStatus(ReadModel):
     #: Set by the management plane's scheduler; a runner's status write cannot change it.
     runner_id: str | None = None
     ssh: SSHEndpoint | None = None
+    #: The folder inside where the code is (the dev container's workspaceFolder); editors open it.
+    workspace_folder: str | None = None
     ports: list[PortStatus] = Field(default_factory=list)
     #: Seconds spent in each start phase (schedule, pull, create, start, ...).
     timings: dict[str, float] = Field(default_factory=dict)

@@ -196,6 +196,8 @@ def test_every_hook_form_runs_in_the_specs_order_and_a_restart_runs_only_the_sta
     again = wait_for(markers, lambda m: len(m) >= 8 and m[-1] == "postAttach", timeout=30, what="postAttach again")
     # The workspace's file outlived the stop; only the start hooks ran again.
     assert again == [*first, "postStart", "postAttach"]
+    # Editors open the folder the status names.
+    assert admin.get(f"/api/v1/environments/{environment_id}")["status"]["workspace_folder"] == "/workspaces/hooks"
 
     def hooks_condition() -> str | None:
         conditions = {c["type"]: c["status"] for c in status(admin, environment_id)["conditions"]}
