@@ -14,6 +14,7 @@ import pytest
 from devyard.client import AsyncClient
 from devyard.runner import credentials
 from devyard.runner.controller import Controller
+from devyard.runner.activity import Activity
 from devyard.runner.environments import READY, EnvironmentReconciler
 from devyard.runner.errors import PermanentError, TemporaryError
 from devyard.runner.fake_runtime import FakeRuntime
@@ -36,6 +37,7 @@ class World:
     controller: Controller
     queue: WorkQueue
     runner_id: str
+    activity: Activity
 
     async def seen(self, environment_id: str) -> Environment:
         """Wait until the informer has the server's current version of the environment."""
@@ -86,11 +88,14 @@ async def world(fake_server: FakeServer, tmp_path: Path) -> AsyncIterator[World]
         on_change=lambda key: None,  # these tests reconcile by hand
         bookmark_interval=0.2,
     )
-    reconciler = EnvironmentReconciler(client=client, runtime=runtime, informer=informer, default_image="debian:stable")
+    activity = Activity(queue.add)
+    reconciler = EnvironmentReconciler(
+        client=client, runtime=runtime, informer=informer, default_image="debian:stable", activity=activity
+    )
     controller = Controller(reconciler, queue, workers=1)
     task = asyncio.create_task(informer.run())
     await informer.wait_synced()
-    world = World(server, runtime, informer, reconciler, controller, queue, runner_id)
+    world = World(server, runtime, informer, reconciler, controller, queue, runner_id, activity)
     try:
         yield world
     finally:
@@ -98,6 +103,26 @@ async def world(fake_server: FakeServer, tmp_path: Path) -> AsyncIterator[World]
         await asyncio.gather(task, return_exceptions=True)
         await queue.shutdown()
         await client.aclose()
+
+
+async def test_activity_through_the_gateways_is_reported_as_last_activity_at(world: World) -> None:
+    env_id = world.server.create_environment(world.runner_id, image="ghcr.io/acme/dev:1")
+    await world.seen(env_id)
+    await world.reconciler.reconcile(env_id)
+    assert world.status(env_id).status.last_activity_at is None  # nobody used it yet
+
+    world.activity.touch(env_id)
+    assert len(world.queue) == 1  # the first touch asks for a report
+    world.queue.done(await world.queue.get())
+    await world.seen(env_id)
+    await world.reconciler.reconcile(env_id)
+    reported = world.status(env_id).status.last_activity_at
+    assert reported is not None
+    assert reported.timestamp() == pytest.approx(world.activity.last(env_id) or 0, abs=0.001)
+
+    # Within the report granularity a touch is recorded but asks for nothing; the next reconcile carries it.
+    world.activity.touch(env_id)
+    assert len(world.queue) == 0
 
 
 async def test_running_then_stopped_then_deleted(world: World) -> None:

@@ -1,9 +1,11 @@
 """The management plane's control loops: the scheduler places environments by class, organization, liveness
-and capacity (and says why when it cannot), and runner liveness marks silent runners offline and their
-environments RunnerUnavailable until they return."""
+and capacity (and says why when it cannot), runner liveness marks silent runners offline and their
+environments RunnerUnavailable until they return, and idle environments are stopped after their timeout."""
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,9 @@ from support.world import eventually, make_user, register_runner
 
 @pytest.fixture
 def server_settings(database_url: str, tmp_path: Path) -> ServerSettings:
-    return live_server.settings_for(tmp_path / "server", database_url, heartbeat_timeout=1.0, loop_interval=0.1)
+    return live_server.settings_for(
+        tmp_path / "server", database_url, heartbeat_timeout=1.0, loop_interval=0.1, idle_check_interval=0.2
+    )
 
 
 def env_status(client: Client, env_id: str) -> dict[str, Any]:
@@ -129,3 +133,45 @@ def test_a_silent_runner_goes_offline_and_comes_back(admin_client: Client) -> No
         lambda: (c := condition(env_status(admin_client, env_id), "RunnerAvailable")) and c["status"] == "True" and c
     )
     assert back["reason"] == "RunnerOnline"
+
+
+def test_an_environment_unused_past_its_timeout_is_stopped_and_one_in_use_is_not(admin_client: Client) -> None:
+    runner = register_runner(admin_client, "idle")
+    runner.heartbeat()
+
+    def running(timeout: int | None) -> str:
+        spec: dict[str, Any] = {"image": "i"} if timeout is None else {"image": "i", "timeout": timeout}
+        env_id: str = admin_client.post("/api/v1/environments", {"spec": spec})["metadata"]["id"]
+        eventually(lambda: env_status(admin_client, env_id).get("runner_id"))
+        runner.report(env_id, phase="running", observed_generation=1, last_activity_at=now())
+        return env_id
+
+    def desired(env_id: str) -> str:
+        return str(admin_client.get(f"/api/v1/environments/{env_id}")["spec"]["desired_phase"])
+
+    def now() -> str:
+        return datetime.now(UTC).isoformat()
+
+    idle, used, never = running(2), running(2), running(0)
+    org_id = admin_client.get("/api/v1/whoami")["memberships"][0]["metadata"]["organization_id"]
+    admin_client.patch(f"/api/v1/organizations/{org_id}", {"spec": {"policy": {"default_timeout": 2}}})
+    by_default = running(None)
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline:  # the gateways report use of this one all along
+        runner.report(used, phase="running", observed_generation=1, last_activity_at=now())
+        time.sleep(0.3)
+
+    for env_id in (idle, by_default):
+        assert eventually(lambda e=env_id: desired(e) == "stopped", timeout=10)
+        stopped = admin_client.get(f"/api/v1/environments/{env_id}")
+        assert stopped["metadata"]["generation"] == 2, "a stop is a spec change the runner acts on"
+        why = condition(stopped["status"], "IdleTimeout")
+        assert why is not None and why["status"] == "True" and "without activity" in why["message"]
+        events = admin_client.get("/api/v1/audit-events", {"target_id": env_id})["items"]
+        assert "environment.idle-timeout" in {e["spec"]["action"] for e in events}
+    assert desired(used) == "running"
+    assert desired(never) == "running"
+
+    admin_client.patch(f"/api/v1/environments/{idle}", {"spec": {"desired_phase": "running"}})
+    again = condition(env_status(admin_client, idle), "IdleTimeout")
+    assert again is not None and again["status"] == "False", "started again, the idle stop is history"

@@ -40,6 +40,7 @@ import httpx
 from devyard import __version__
 from devyard.client import ApiError, AsyncClient, RetryPolicy, TransportError
 from devyard.runner import credentials, ssh_gateway, state_lock
+from devyard.runner.activity import Activity
 from devyard.runner.backoff import Backoff, BackoffPolicy
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.controller import Controller
@@ -117,8 +118,10 @@ class Agent:
         self.log_shipper: LogShipper | None = None
         #: The gateway, once it listens.
         self.gateway: Gateway | None = None
-        #: The SSH gateway, when ``ssh_listen`` is set; its ``last_activity`` is each environment's.
+        #: The SSH gateway, when ``ssh_listen`` is set.
         self.ssh_gateway: ssh_gateway.SshGateway | None = None
+        #: When each environment was last used through a gateway; its reconcile reports it (idle timeouts).
+        self.activity = Activity(self.queue.add)
         self._report_soon = asyncio.Event()
         self._transport = transport
         self._retry = retry or RetryPolicy()
@@ -247,6 +250,7 @@ class Agent:
                 dev_containers=self._dev_containers(),
                 requeue=self.queue.add,
                 ssh_endpoint=self.ssh_endpoint,
+                activity=self.activity,
             )
             self.controller = Controller(reconciler, self.queue, workers=settings.workers)
             log.info(
@@ -271,7 +275,11 @@ class Agent:
                     runner_id, self._cached_environment, partial(ssh_gateway.server_authorized_keys, client)
                 )
                 self.ssh_gateway = ssh_gateway.SshGateway(
-                    self.runtime, access, listen=settings.ssh_listen, host_key_path=settings.ssh_host_key_path()
+                    self.runtime,
+                    access,
+                    listen=settings.ssh_listen,
+                    host_key_path=settings.ssh_host_key_path(),
+                    activity=self.activity,
                 )
                 # Running environments report where to reach them by SSH: look at them again once it listens.
                 serving = self.ssh_gateway.serve(on_listening=self._queue_known)
@@ -354,7 +362,12 @@ class Agent:
             await self.clock.sleep(delay)
         check = TicketCheck(runner_id=runner_id, key=key, environment=self._cached_environment)
         gateway = Gateway(
-            self.runtime, check, listen=settings.gateway_listen, url=settings.gateway_url, hostname=settings.hostname
+            self.runtime,
+            check,
+            listen=settings.gateway_listen,
+            url=settings.gateway_url,
+            hostname=settings.hostname,
+            activity=self.activity,
         )
         backoff.reset()
         while True:

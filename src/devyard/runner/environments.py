@@ -45,6 +45,7 @@ from pydantic import TypeAdapter
 
 from devyard.client import ApiError, AsyncClient, TransportError
 from devyard.runner import lifecycle
+from devyard.runner.activity import Activity
 from devyard.runner.automations.executor import AutomationsExecutor
 from devyard.runner.automations.file_format import AutomationsFileError
 from devyard.runner.clock import Clock, SystemClock
@@ -108,6 +109,7 @@ class EnvironmentReconciler:
         dev_containers: DevContainers | None = None,
         requeue: Callable[[str], None] | None = None,
         ssh_endpoint: Callable[[], tuple[str, int] | None] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self._client = client
         self._runtime = runtime
@@ -119,6 +121,8 @@ class EnvironmentReconciler:
         self._requeue = requeue or (lambda key: None)
         #: Where the runner's SSH gateway listens, reported in a running environment's ``status.ssh``.
         self._ssh_endpoint = ssh_endpoint or (lambda: None)
+        #: When each environment was last used through the gateways, reported as ``status.last_activity_at``.
+        self._activity = activity or Activity()
         #: Environment id -> the task running its lifecycle hooks, and the hook it is at.
         self._hooks: dict[str, asyncio.Task[lifecycle.Outcome]] = {}
         self._hook_at: dict[str, str] = {}
@@ -172,6 +176,7 @@ class EnvironmentReconciler:
                 await self._runtime.delete(key)
             if self._dev_containers is not None:
                 self._dev_containers.remove(key)
+            self._activity.forget(key)
             await self._report(key, EnvironmentPhase.DELETED)
             return Result()
 
@@ -509,6 +514,10 @@ class EnvironmentReconciler:
             wanted = wanted.model_copy(update={"ssh": ssh})
         if workspace_folder is not None and wanted.workspace_folder != workspace_folder:
             wanted = wanted.model_copy(update={"workspace_folder": workspace_folder})
+        reported = wanted.last_activity_at.timestamp() if wanted.last_activity_at is not None else None
+        if self._activity.is_newer(key, reported):
+            last = datetime.fromtimestamp(self._activity.last(key) or 0.0, UTC)
+            wanted = wanted.model_copy(update={"last_activity_at": last})
         if wanted == current:
             return
         body = EnvironmentStatusWrite(status=wanted).model_dump(mode="json", exclude_none=False)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -50,6 +51,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from devyard.runner.activity import Activity
 from devyard.runner.errors import RunnerError
 from devyard.runner.runtime import ExecProcess, ExecRequest, Runtime
 from devyard.wire.access import ExecStart, TicketClaims, TicketError, verify_ticket
@@ -129,8 +131,18 @@ class TicketCheck:
 class Gateway:
     """The gateway's listeners; ``start`` binds them, ``close`` stops them and ends every session."""
 
-    def __init__(self, runtime: Runtime, check: TicketCheck, *, listen: str, url: str | None, hostname: str) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        check: TicketCheck,
+        *,
+        listen: str,
+        url: str | None,
+        hostname: str,
+        activity: Activity | None = None,
+    ) -> None:
         self._runtime = runtime
+        self._activity = activity or Activity()
         self._check = check
         self._host, self._port = parse_listen(listen)
         self._configured_url = url
@@ -213,7 +225,8 @@ class Gateway:
             await _fail(connection, f"cannot start {start.argv[0]!r} in {claims.environment_id}: {exc}", 1011)
             return
         log.info("exec in %s for %s: %s (tty=%s)", claims.environment_id, claims.user_id, start.argv[0], start.tty)
-        await _Session(connection, process, tty=start.tty).run()
+        touch = functools.partial(self._activity.touch, claims.environment_id)
+        await _Session(connection, process, tty=start.tty, touch=touch).run()
 
     async def _receive_start(self, connection: ServerConnection) -> ExecStart:
         async with asyncio.timeout(_START_TIMEOUT):
@@ -234,8 +247,12 @@ class _ProtocolError(Exception):
 class _Session:
     """One exec: pumps between a WebSocket and a process until the process exited and its output was sent."""
 
-    def __init__(self, connection: ServerConnection, process: ExecProcess, *, tty: bool) -> None:
+    def __init__(
+        self, connection: ServerConnection, process: ExecProcess, *, tty: bool, touch: Callable[[], None]
+    ) -> None:
         self._connection = connection
+        #: Records the environment's activity (idle timeouts): called as data passes either way.
+        self._touch = touch
         self._process = process
         self._tty = tty
         self._stdin_open = True
@@ -282,6 +299,7 @@ class _Session:
             data = await stream.read(_READ_CHUNK)
             if not data:
                 return
+            self._touch()
             try:
                 await self._connection.send(prefix + data)
             except ConnectionClosed:
@@ -292,6 +310,7 @@ class _Session:
         connection = self._connection
         try:
             async for message in connection:
+                self._touch()
                 if isinstance(message, bytes):
                     if not message or message[0] != STDIN:
                         await _fail(connection, "data frames from the client must be stdin (stream 0)", 1008)

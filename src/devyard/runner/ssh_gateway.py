@@ -1,8 +1,8 @@
 """The runner's SSH gateway: one SSH server (asyncssh) for all the runner's environments.
 
 Users connect with the tools they have: ``ssh ENV_ID@RUNNER_HOST -p PORT``, ``scp``, ``sftp``, VS Code
-Remote-SSH. The agent starts one ``SshGateway`` beside the exec gateway when ``ssh_listen`` is set, and reads
-``SshGateway.last_activity`` for idle timeouts.
+Remote-SSH. The agent starts one ``SshGateway`` beside the exec gateway when ``ssh_listen`` is set; sessions and
+forwards touch the agent's ``Activity`` (idle timeouts) as their bytes pass.
 
 Admission. The user name is the environment's id. Only public-key authentication is offered; a key is accepted
 when the management plane lists it for that environment (``GET /api/v1/environments/{id}/authorized-keys``, asked
@@ -47,6 +47,7 @@ import asyncssh
 
 from devyard.client import ApiError, AsyncClient, TransportError
 from devyard.runner import container_files
+from devyard.runner.activity import Activity
 from devyard.runner.errors import RunnerError
 from devyard.runner.gateway import parse_listen
 from devyard.runner.host_process import start_host_process
@@ -152,7 +153,15 @@ class SshAccess:
 class SshGateway:
     """The SSH listener; ``start`` binds it, ``close`` stops it and ends every session."""
 
-    def __init__(self, runtime: Runtime, access: SshAccess, *, listen: str, host_key_path: Path) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        access: SshAccess,
+        *,
+        listen: str,
+        host_key_path: Path,
+        activity: Activity | None = None,
+    ) -> None:
         self._runtime = runtime
         self._access = access
         self._host, self._port = parse_listen(listen)
@@ -161,7 +170,7 @@ class SshGateway:
         self._keys: dict[str, tuple[float, frozenset[bytes]]] = {}
         self._key_lookups: dict[str, asyncio.Future[frozenset[bytes]]] = {}
         self._sessions: set[_Session] = set()
-        self._activity: dict[str, float] = {}
+        self.activity = activity or Activity()
         #: The port it listens on; set by ``start``.
         self.port: int | None = None
 
@@ -216,15 +225,6 @@ class SshGateway:
         finally:
             await self.close()
 
-    def last_activity(self, environment_id: str) -> float | None:
-        """When a session of ``environment_id`` last saw input or output (seconds since the epoch), or None."""
-        return self._activity.get(environment_id)
-
-    @property
-    def activity(self) -> Mapping[str, float]:
-        """``last_activity`` of every environment that had a session since the gateway started."""
-        return dict(self._activity)
-
     # For connections and sessions.
 
     @property
@@ -236,7 +236,7 @@ class SshGateway:
         return self._access
 
     def touch(self, environment_id: str) -> None:
-        self._activity[environment_id] = time.time()
+        self.activity.touch(environment_id)
 
     def track(self, session: _Session, open_: bool) -> None:
         if open_:

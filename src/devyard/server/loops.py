@@ -1,4 +1,4 @@
-"""The management plane's control loops: scheduling, runner liveness, change-feed compaction.
+"""The management plane's control loops: scheduling, runner liveness, idle timeouts, change-feed compaction.
 
 Every replica runs ``run``, but only the holder of the ``control-loops`` lease acts; when it dies its lease
 lapses and another takes over. Each pass is level-based: it looks at the database as it is, so a pass that
@@ -15,7 +15,7 @@ import random
 import socket
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -28,7 +28,7 @@ from devyard.server.store.runners import mark_environments
 from devyard.wire.environments import EnvironmentPhase
 from devyard.wire.runners import RunnerPhase
 
-__all__ = ["check_liveness", "run", "schedule"]
+__all__ = ["check_liveness", "idle_since", "run", "schedule", "stop_idle"]
 
 log = logging.getLogger(__name__)
 LEASE = "control-loops"
@@ -198,6 +198,89 @@ async def check_liveness(state: ServerState) -> int:
     return len(gone)
 
 
+def idle_since(env: ResourceRow) -> datetime:
+    """Since when nobody used a running environment: its last activity through the runner's gateways, or when
+    it last became ready, whichever is later (a start counts as use)."""
+    moments = [env.created_at]
+    ready = get_condition(env.status, "Ready")
+    if ready is not None and ready.get("status") == "True" and ready.get("last_transition_time"):
+        moments.append(datetime.fromisoformat(str(ready["last_transition_time"])))
+    if env.status.get("last_activity_at"):
+        moments.append(datetime.fromisoformat(str(env.status["last_activity_at"])))
+    return max(_aware(moment) for moment in moments)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+async def stop_idle(state: ServerState) -> int:
+    """Stop running environments nobody used for longer than their timeout (the environment's ``timeout``, else
+    its organization's ``default_timeout``; 0 never); returns how many. The stop is a spec change, audited as
+    ``idle-timeout``, and the runner carries it out as any stop: the disk is kept."""
+    now = resources.utcnow()
+    async with state.database.read() as session:
+        running = (
+            await session.scalars(
+                select(ResourceRow).where(
+                    ResourceRow.kind == "Environment",
+                    ResourceRow.phase == EnvironmentPhase.RUNNING.value,
+                    ResourceRow.desired_phase == "running",
+                )
+            )
+        ).all()
+        if not running:
+            return 0
+        organizations = {env.organization_id for env in running}
+        defaults = {
+            org.id: int(org.spec.get("policy", {}).get("default_timeout", 3600))
+            for org in (await session.scalars(select(ResourceRow).where(ResourceRow.id.in_(organizations)))).all()
+        }
+    #: Environment id -> its timeout, for those past it.
+    due: dict[str, int] = {}
+    for env in running:
+        timeout = env.spec.get("timeout")
+        if timeout is None:
+            timeout = defaults.get(env.organization_id or "", 0)
+        if timeout and (now - idle_since(env)).total_seconds() > timeout:
+            due[env.id] = int(timeout)
+    if not due:
+        return 0
+    stopped = 0
+    async with state.database.write() as session:
+        tx = resources.Tx(session)
+        rows = (await session.scalars(select(ResourceRow).where(ResourceRow.id.in_(due)))).all()
+        for env in rows:
+            # Read again under the write lock: one used or stopped meanwhile is left alone.
+            idle = (now - idle_since(env)).total_seconds()
+            if env.desired_phase != "running" or idle <= due[env.id]:
+                continue
+            env.spec = {**env.spec, "desired_phase": "stopped"}
+            env.status = set_condition(
+                env.status,
+                "IdleTimeout",
+                "True",
+                "Idle",
+                f"stopped after {_duration(idle)} without activity (timeout {_duration(due[env.id])}); "
+                "`devyard env start` starts it again",
+                env.generation + 1,
+            )
+            tx.modify(env, action="idle-timeout", details={"idle_seconds": round(idle)}, spec_changed=True)
+            stopped += 1
+        await tx.commit()
+    if tx.last_revision is not None:
+        state.feed.wake()
+    return stopped
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _heard_before(runner: ResourceRow, cutoff: datetime) -> bool:
     heard = runner.status.get("last_heartbeat_at")
     if heard is None:
@@ -211,6 +294,7 @@ async def run(state: ServerState) -> None:
     interval = state.settings.loop_interval
     ttl = max(3 * interval, 5.0)
     last_compaction = 0.0
+    last_idle_check = 0.0
     loop = asyncio.get_running_loop()
     leading = False
     while True:
@@ -227,6 +311,9 @@ async def run(state: ServerState) -> None:
                         await asyncio.wait_for(state.schedule_soon.wait(), max(renew_at - loop.time(), 0.01))
                     await asyncio.sleep(0.02)  # gather a burst of creates into one pass
                 await check_liveness(state)
+                if loop.time() - last_idle_check > state.settings.idle_check_interval:
+                    await stop_idle(state)
+                    last_idle_check = loop.time()
                 if loop.time() - last_compaction > state.settings.compaction_interval:
                     await state.feed.compact(timedelta(seconds=state.settings.watch_retention_seconds))
                     last_compaction = loop.time()

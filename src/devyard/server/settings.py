@@ -27,6 +27,8 @@ class ServerSettings(BaseSettings):
     heartbeat_timeout: float = Field(default=30.0, gt=0)
     #: How often the control loops run.
     loop_interval: float = Field(default=1.0, gt=0)
+    #: How often running environments are checked against their idle timeout.
+    idle_check_interval: float = Field(default=30.0, gt=0)
     #: How long the change feed keeps changes that watchers may resume from.
     watch_retention_seconds: float = Field(default=3600.0, gt=0)
     #: How often the change feed is compacted (changes older than the retention dropped).

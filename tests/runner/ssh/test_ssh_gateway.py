@@ -237,7 +237,7 @@ def test_exec_passes_output_stderr_exit_status_and_runs_as_the_remote_user(world
     # Killed by a signal: the client learns it (OpenSSH then exits 255), not a made-up status.
     killed = world.ssh(key, env_id, "kill -KILL $$")
     assert (killed.returncode, killed.stdout) == (255, ""), killed
-    assert world.gateway.last_activity(env_id) is not None
+    assert world.gateway.activity.last(env_id) is not None
 
 
 def test_stdin_reaches_the_command_and_its_end_of_file_ends_it(world: World) -> None:

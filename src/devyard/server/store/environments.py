@@ -17,6 +17,7 @@ from devyard.server import policy
 from devyard.server.auth import Principal
 from devyard.server.database.tables import ResourceRow
 from devyard.server.store import resources
+from devyard.server.store.conditions import get_condition, set_condition
 from devyard.server.store.errors import Conflict, Forbidden, Invalid
 from devyard.wire.environments import (
     DesiredPhase,
@@ -162,6 +163,10 @@ async def patch(tx: resources.Tx, principal: Principal, env_id: str, body: Envir
         spec_changed = True
     if spec_changed:
         await _check_references(tx.session, principal, row.organization_id or "", EnvironmentSpec(**row.spec))
+    stopped_idle = get_condition(row.status, "IdleTimeout") or {}
+    if spec_changed and row.spec["desired_phase"] == DesiredPhase.RUNNING and stopped_idle.get("status") == "True":
+        # Started again: the idle stop is history.
+        row.status = set_condition(row.status, "IdleTimeout", "False", "Started", "", row.generation + 1)
     labels_changed = resources.merge_metadata(row, body.metadata)
     if spec_changed or labels_changed or body.metadata is not None:
         action = "update"
