@@ -209,7 +209,7 @@ class FakeRuntime:
             shutil.rmtree(scratch, ignore_errors=True)
             return
         for entry in scratch.iterdir() if scratch.is_dir() else ():
-            if entry.name == "workspace":
+            if entry.name in ("workspace", "volumes"):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -241,6 +241,11 @@ class FakeRuntime:
     def workspace(self, environment_id: str) -> Path:
         directory = self._scratch(environment_id) / "workspace"
         directory.mkdir(exist_ok=True)
+        return directory
+
+    def volume(self, environment_id: str, name: str) -> Path:
+        directory = self._scratch(environment_id) / "volumes" / name
+        directory.mkdir(parents=True, exist_ok=True)
         return directory
 
     def progress(self, environment_id: str) -> str | None:

@@ -252,7 +252,8 @@ class Runtime(Protocol):
 
     async def delete(self, environment_id: str, *, keep_workspace: bool = False) -> None:
         """Remove the container and its disk, stopping it first if it runs; nothing if it does not exist.
-        ``keep_workspace``: all but the workspace (a rebuild makes the container again around it)."""
+        ``keep_workspace``: all but the workspace and the volumes (a rebuild makes the container again around
+        them)."""
         ...
 
     async def exec(
@@ -282,6 +283,12 @@ class Runtime(Protocol):
         """The host directory of the environment's workspace (made if missing, kept across stop and start,
         removed by ``delete``), where the runner puts its content before ``create``; a ``Mount`` of kind
         ``workspace`` shows it inside."""
+        ...
+
+    def volume(self, environment_id: str, name: str) -> Path:
+        """The host directory of the environment's volume ``name`` (made if missing, kept across stop and start,
+        removed by ``delete``), for the runner to fill before ``create``; a ``Mount`` of kind ``volume`` with that
+        source shows it inside."""
         ...
 
     def progress(self, environment_id: str) -> str | None:

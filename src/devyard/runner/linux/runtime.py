@@ -224,6 +224,18 @@ class LinuxRuntime:
         workspace.mkdir(mode=0o755, exist_ok=True)
         return workspace
 
+    def volume(self, environment_id: str, name: str) -> Path:
+        if not _VOLUME_NAME.match(name):
+            raise PermanentError(f"invalid volume name {name!r}")
+        directory = self._directory(_checked(environment_id))
+        directory.mkdir(mode=0o711, exist_ok=True)
+        volume = directory / "volumes" / name
+        if not volume.exists():
+            root_id = self.images.id_range.host_id(0)
+            volume.mkdir(mode=0o755, parents=True)
+            os.chown(volume, root_id, root_id)
+        return volume
+
     def progress(self, environment_id: str) -> str | None:
         """How far a create in progress has come (the image's pull and unpack, then the container), or None."""
         return self._creating.get(environment_id)
@@ -536,9 +548,7 @@ class LinuxRuntime:
             if mount.kind is MountKind.WORKSPACE:
                 source = directory / "workspace"
             else:
-                if not _VOLUME_NAME.match(mount.source):
-                    raise PermanentError(f"invalid volume name {mount.source!r}")
-                source = directory / "volumes" / mount.source
+                source = self.volume(record.spec.environment_id, mount.source)
             if not source.exists():
                 source.mkdir(mode=0o755, parents=True)
                 os.chown(source, root_id, root_id)
@@ -649,7 +659,8 @@ class LinuxRuntime:
 
     async def _tear_down(self, environment_id: str, *, keep_workspace: bool = False) -> None:
         """Remove everything of an environment that has no record (any more); idempotent. ``keep_workspace``:
-        except its workspace (for the create that follows: the runner fetched its content before)."""
+        except its workspace and volumes (for the create that follows: the runner filled them before, and a
+        rebuild keeps them, as Docker keeps named volumes)."""
         await self.runc.delete(environment_id, force=True)
         self._discard_incomplete_container(environment_id)
         directory = self._directory(environment_id)
@@ -660,7 +671,7 @@ class LinuxRuntime:
             raise TemporaryError(f"{directory} still has mounts; not removing it")
         if keep_workspace and (directory / "workspace").is_dir():
             for entry in directory.iterdir():
-                if entry.name != "workspace":
+                if entry.name not in ("workspace", "volumes"):
                     await asyncio.to_thread(_remove, entry)
         elif directory.exists():
             await asyncio.to_thread(shutil.rmtree, directory)
