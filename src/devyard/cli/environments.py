@@ -564,3 +564,4 @@ def _summary(data: dict[str, Any], template: str) -> RenderableType:
 env.add_command(logs.logs)
 env.add_command(ssh.ssh)
 env.add_command(ssh.ssh_config)
+env.add_command(ssh.open_environment)
