@@ -44,7 +44,7 @@ from typing import Any, Final, TypeVar
 from pydantic import TypeAdapter
 
 from devyard.client import ApiError, AsyncClient, TransportError
-from devyard.runner import lifecycle
+from devyard.runner import lifecycle, port_detection
 from devyard.runner.activity import Activity
 from devyard.runner.automations.executor import AutomationsExecutor
 from devyard.runner.automations.file_format import AutomationsFileError
@@ -63,6 +63,7 @@ from devyard.wire.environments import (
     EnvironmentPhase,
     EnvironmentStatus,
     EnvironmentStatusWrite,
+    PortStatus,
     SSHEndpoint,
 )
 from devyard.wire.meta import Condition, ConditionStatus
@@ -110,6 +111,7 @@ class EnvironmentReconciler:
         requeue: Callable[[str], None] | None = None,
         ssh_endpoint: Callable[[], tuple[str, int] | None] | None = None,
         activity: Activity | None = None,
+        port_url: Callable[[str, int], str | None] | None = None,
     ) -> None:
         self._client = client
         self._runtime = runtime
@@ -123,6 +125,8 @@ class EnvironmentReconciler:
         self._ssh_endpoint = ssh_endpoint or (lambda: None)
         #: When each environment was last used through the gateways, reported as ``status.last_activity_at``.
         self._activity = activity or Activity()
+        #: Where the runner's port proxy serves a port of an environment (None: no proxy), in ``status.ports``.
+        self._port_url = port_url or (lambda environment_id, port: None)
         #: Environment id -> the task running its lifecycle hooks, and the hook it is at.
         self._hooks: dict[str, asyncio.Task[lifecycle.Outcome]] = {}
         self._hook_at: dict[str, str] = {}
@@ -482,6 +486,14 @@ class EnvironmentReconciler:
             return status
         return status.model_copy(update={"automations": automations, "conditions": conditions})
 
+    async def _ports(self, environment: Environment) -> list[PortStatus]:
+        """``status.ports`` of a running environment: what listens inside, what its dev container forwards, what its
+        spec shares."""
+        key = environment.metadata.id
+        declared = port_detection.load_declared(self._dev_containers.directory(key)) if self._dev_containers else {}
+        listening = await self._runtime.listening_ports(key)
+        return port_detection.port_statuses(environment, listening, declared, self._port_url)
+
     async def _report_quietly(self, key: str, phase: EnvironmentPhase, *, message: str) -> None:
         """Report a failure; if even that cannot be written, the log has it and a retry will report it."""
         try:
@@ -512,6 +524,9 @@ class EnvironmentReconciler:
         ssh = SSHEndpoint(host=endpoint[0], port=endpoint[1], user=key) if endpoint is not None else None
         if wanted.ssh != ssh:
             wanted = wanted.model_copy(update={"ssh": ssh})
+        ports = await self._ports(environment) if phase is EnvironmentPhase.RUNNING else []
+        if wanted.ports != ports:
+            wanted = wanted.model_copy(update={"ports": ports})
         if workspace_folder is not None and wanted.workspace_folder != workspace_folder:
             wanted = wanted.model_copy(update={"workspace_folder": workspace_folder})
         reported = wanted.last_activity_at.timestamp() if wanted.last_activity_at is not None else None

@@ -26,10 +26,16 @@ restarted runner finds, and adopts, the containers of the previous process, as i
 Containers recorded as running stay running across that restart, as runc containers outlive their runner.
 The file is rewritten whole on each change: fine for a desktop's handful of environments; the benchmark
 runs without one.
+
+Ports: the processes ``open_exec`` started are the fake container's, so ``listening_ports`` answers the TCP ports
+that they (and what they started in their sessions) listen on, read from the runner's own ``/proc/net/tcp`` and
+``tcp6`` by their sockets' inodes; ``connect`` reaches one of those ports on the host's loopback, and refuses every
+other port and host, so that a port proxy in front of a fake environment never reaches the runner host's services.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import dataclasses
@@ -39,6 +45,7 @@ import random
 import shlex
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +53,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from devyard.runner import port_detection
 from devyard.runner.atomic_file import write_atomically
 from devyard.runner.clock import Clock, SystemClock
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError, TemporaryError
@@ -56,6 +64,7 @@ from devyard.runner.runtime import (
     ContainerStatus,
     ExecRequest,
     ExecResult,
+    ListeningPort,
     MountKind,
 )
 
@@ -282,6 +291,43 @@ class FakeRuntime:
         self._processes[environment_id] = [*running, process]
         return process
 
+    async def listening_ports(self, environment_id: str) -> builtins.list[ListeningPort]:
+        current = self._containers.get(environment_id)
+        if current is None or current.state is not ContainerState.RUNNING:
+            return []
+        inodes = _socket_inodes(self._sessions(environment_id))
+        if not inodes:
+            return []
+        try:
+            return port_detection.read_listening(Path("/proc/self/net"), inodes=inodes)
+        except OSError:
+            return []
+
+    async def connect(self, environment_id: str, host: str, port: int) -> socket.socket:
+        current = self._get(environment_id)
+        if current.state is not ContainerState.RUNNING:
+            raise ContainerNotRunning(f"container of {environment_id} is {current.state}, not running")
+        if host not in ("localhost", "127.0.0.1", "::1", ""):
+            raise OSError(f"the fake runtime connects to its environments' own ports on the loopback only, not {host}")
+        # Only what the environment's own processes listen on: never another program of the runner's host.
+        ours = [found for found in await self.listening_ports(environment_id) if found.port == port]
+        if not ours:
+            raise ConnectionRefusedError(f"nothing listens on port {port} in {environment_id}")
+        ipv6 = all(found.ipv6 for found in ours)
+        sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("::1" if ipv6 else "127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _sessions(self, environment_id: str) -> set[int]:
+        """The sessions of the environment's processes: each ``open_exec`` starts one (its pid), and what it starts
+        stays in it unless it makes its own."""
+        return {process.pid for process in self._processes.get(environment_id, []) if not process.exited}
+
     async def inspect(self, environment_id: str) -> ContainerStatus | None:
         await self._operation("inspect")
         return self._containers.get(environment_id)
@@ -381,6 +427,28 @@ class FakeRuntime:
                 self._containers[status.environment_id] = status
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PermanentError(f"cannot read the fake runtime's state from {path}: {exc}") from exc
+
+
+def _socket_inodes(sessions: set[int]) -> set[int]:
+    """The inodes of the sockets that processes of ``sessions`` hold open."""
+    inodes: set[int] = set()
+    if not sessions:
+        return inodes
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                fields = file.read().rpartition(b")")[2].split()
+            if int(fields[3]) not in sessions:
+                continue
+            for descriptor in os.listdir(f"/proc/{entry}/fd"):
+                target = os.readlink(f"/proc/{entry}/fd/{descriptor}")
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to look at
+    return inodes
 
 
 def _own_user_names() -> set[str]:

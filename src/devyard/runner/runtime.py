@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import enum
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +34,7 @@ __all__ = [
     "ExecProcess",
     "ExecRequest",
     "ExecResult",
+    "ListeningPort",
     "Mount",
     "MountKind",
     "Runtime",
@@ -210,6 +212,16 @@ class ExecRequest:
     user: str | None = None
 
 
+@dataclass(frozen=True, order=True)
+class ListeningPort:
+    """A TCP port something inside an environment listens on (``Runtime.listening_ports``)."""
+
+    port: int
+    #: The address it is bound to inside: ``0.0.0.0``, ``::``, ``127.0.0.1``...
+    address: str
+    ipv6: bool = False
+
+
 class ExecProcess(Protocol):
     """A process running inside a container, as ``Runtime.open_exec`` started it.
 
@@ -270,6 +282,17 @@ class Runtime(Protocol):
     async def open_exec(self, environment_id: str, request: ExecRequest) -> ExecProcess:
         """Start ``request`` inside the running container and return it with its streams; the caller waits.
         Raises ``errors.ContainerNotRunning`` when the container is not running."""
+        ...
+
+    async def connect(self, environment_id: str, host: str, port: int) -> socket.socket:
+        """A non-blocking TCP socket connected to ``host:port`` as seen from inside the running container
+        (``localhost`` is its loopback), for the gateways to relay. Raises ``ContainerNotRunning`` when it is not
+        running, ``OSError`` (``ConnectionRefusedError`` when nothing listens) when the connection fails."""
+        ...
+
+    async def listening_ports(self, environment_id: str) -> builtins.list[ListeningPort]:
+        """The TCP ports something listens on inside the running container, sorted; empty when it is not
+        running."""
         ...
 
     async def image_labels(

@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -687,12 +686,11 @@ async def _container_entry(runtime: Runtime, environment_id: str) -> tuple[int, 
     from devyard.runner.linux.runtime import LinuxRuntime
 
     if not isinstance(runtime, LinuxRuntime):
-        raise OSError(f"the {runtime.name} runtime cannot serve files or forward ports; the linux runtime can")
-    info = await runtime.runc.state(environment_id)
-    status = await runtime.inspect(environment_id)
-    if info is None or info.status != "running" or info.pid <= 0 or status is None:
-        raise OSError(f"environment {environment_id} is not running")
-    return info.pid, status.spec.remote_user or status.spec.user or ""
+        raise OSError(f"the {runtime.name} runtime cannot serve files or forward agents; the linux runtime can")
+    try:
+        return await runtime.container_entry(environment_id)
+    except RunnerError as exc:
+        raise OSError(str(exc)) from exc
 
 
 async def _forward(
@@ -705,9 +703,8 @@ async def _forward(
 ) -> None:
     """Relay one ``direct-tcpip`` channel to ``host:port`` as seen from inside the environment."""
     try:
-        pid, _ = await _container_entry(gateway.runtime, environment_id)
-        sock = await asyncio.to_thread(_connect_inside, pid, host, port)
-    except OSError as exc:
+        sock = await gateway.runtime.connect(environment_id, host, port)
+    except (RunnerError, OSError) as exc:
         log.info("ssh forward in %s to %s:%d failed: %s", environment_id, host, port, exc)
         writer.close()
         return
@@ -736,31 +733,3 @@ async def _forward(
     finally:
         inside_writer.close()
         writer.close()
-
-
-def _connect_inside(pid: int, host: str, port: int) -> socket.socket:
-    """A socket connected to ``host:port`` from the network namespace of ``pid``. Runs in a thread of its own
-    (``setns`` moves the calling thread only), which goes back to the host's namespace before it returns; the
-    socket stays in the namespace it was made in."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    inside = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        container_files.setns(inside, container_files.CLONE_NEWNET)
-        try:
-            # Names resolve here against the host's files: only addresses and "localhost" are meant.
-            target = "127.0.0.1" if host in ("localhost", "") else host
-            family = socket.AF_INET6 if ":" in target else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(10)
-                sock.connect((target, port))
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-        finally:
-            container_files.setns(own, container_files.CLONE_NEWNET)
-    finally:
-        os.close(own)
-        os.close(inside)

@@ -168,10 +168,18 @@ class SSHEndpoint(ReadModel):
 
 class PortStatus(ReadModel):
     port: int
+    #: The spec's name for it, else its devcontainer.json label.
     name: str = ""
     admission: Admission = Admission.OWNER
     protocol: PortProtocol = PortProtocol.HTTP
+    #: Where the runner's port proxy serves it; None when the runner has no port proxy.
     url: str | None = None
+    #: Whether something listens on it inside now (a forwarded or shared port may not, yet).
+    listening: bool = False
+    #: devcontainer.json's ``portsAttributes`` label.
+    label: str = ""
+    #: devcontainer.json's ``portsAttributes`` onAutoForward (``notify``, ``openBrowser``, ``silent``...).
+    on_auto_forward: str | None = None
 
 
 class EnvironmentStatus(ReadModel):

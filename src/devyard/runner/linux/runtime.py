@@ -53,6 +53,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import time
 from collections.abc import Mapping, Sequence
@@ -61,6 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from devyard.runner import container_files, port_detection
 from devyard.runner.atomic_file import write_atomically
 from devyard.runner.errors import ContainerNotFound, ContainerNotRunning, PermanentError, TemporaryError
 from devyard.runner.host_process import HostProcess, start_host_process
@@ -74,6 +76,7 @@ from devyard.runner.runtime import (
     ContainerStatus,
     ExecRequest,
     ExecResult,
+    ListeningPort,
     MountKind,
 )
 
@@ -318,6 +321,27 @@ class LinuxRuntime:
         # reach the process inside, and with a TTY it proxies its own terminal (raw: the container's does the
         # echo and line editing) to the container's, copying the size on the SIGWINCH that a resize sends it.
         return await start_host_process(argv, tty=request.tty, size=request.size or (24, 80), raw=True)
+
+    async def container_entry(self, environment_id: str) -> tuple[int, str]:
+        """The host pid of the running container's PID 1 and the user sessions run as (the remote user, else
+        PID 1's), for acting inside it from outside; ``ContainerNotRunning`` when it does not run."""
+        info = await self.runc.state(environment_id) if _ENVIRONMENT_ID.match(environment_id) else None
+        record = self._read_record(environment_id) if info is not None else None
+        if info is None or info.status != "running" or info.pid <= 0 or record is None:
+            raise ContainerNotRunning(f"environment {environment_id} is not running")
+        return info.pid, record.spec.remote_user or record.spec.user or ""
+
+    async def connect(self, environment_id: str, host: str, port: int) -> socket.socket:
+        pid, _ = await self.container_entry(environment_id)
+        return await asyncio.to_thread(_connect_inside, pid, host, port)
+
+    async def listening_ports(self, environment_id: str) -> builtins.list[ListeningPort]:
+        try:
+            pid, _ = await self.container_entry(environment_id)
+            # /proc/PID/net shows the network namespace of PID: no need to enter it.
+            return port_detection.read_listening(Path(f"/proc/{pid}/net"))
+        except (ContainerNotRunning, OSError):
+            return []
 
     async def inspect(self, environment_id: str) -> ContainerStatus | None:
         if not _ENVIRONMENT_ID.match(environment_id):
@@ -1047,3 +1071,35 @@ def _decode(document: dict[str, Any]) -> _Record:
         exit_code=document["exit_code"],
         timings=dict(document["timings"]),
     )
+
+
+def _connect_inside(pid: int, host: str, port: int) -> socket.socket:
+    """A socket connected to ``host:port`` from the network namespace of ``pid``, non-blocking. Runs in a thread of
+    its own (``setns`` moves the calling thread only), which goes back to the host's namespace before it returns;
+    the socket stays in the namespace it was made in."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        inside = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        os.close(own)
+        raise ContainerNotRunning(f"process {pid} of the container is gone") from None
+    try:
+        container_files.setns(inside, container_files.CLONE_NEWNET)
+        try:
+            # Names resolve here against the host's files: only addresses and "localhost" are meant.
+            target = "127.0.0.1" if host in ("localhost", "") else host
+            family = socket.AF_INET6 if ":" in target else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(10)
+                sock.connect((target, port))
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        finally:
+            container_files.setns(own, container_files.CLONE_NEWNET)
+    finally:
+        os.close(own)
+        os.close(inside)
