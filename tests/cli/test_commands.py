@@ -161,6 +161,20 @@ def test_users_and_tokens(cli: Cli, server: LiveServer, admin_env: dict[str, str
     assert "credential" in cli("whoami", env=own, ok=False).stderr
 
 
+def test_a_users_dotfiles_setting(cli: Cli, admin_env: dict[str, str]) -> None:
+    assert "No dotfiles" in cli("user", "dotfiles", env=admin_env).stdout
+    pasted = "https://git.test/me/dotfiles/tree/dev"
+    assert "git.test/me/dotfiles.git at dev" in cli("user", "dotfiles", pasted, env=admin_env).stdout
+    shown = cli("user", "dotfiles", "-o", "json", env=admin_env).json()
+    assert (shown["url"], shown["ref"]) == ("https://git.test/me/dotfiles.git", "dev")
+    # A new environment takes them along.
+    env = cli("env", "create", "--image", "i", "-o", "json", env=admin_env).json()
+    assert env["spec"]["dotfiles"]["url"] == "https://git.test/me/dotfiles.git"
+    assert "No dotfiles" in cli("user", "dotfiles", "--clear", env=admin_env).stdout
+    refused = cli("user", "dotfiles", "--clear", "--ref", "x", env=admin_env, ok=False)
+    assert "--clear takes no URL" in refused.stderr
+
+
 def test_ssh_keys_from_a_file_and_stdin(cli: Cli, admin_env: dict[str, str], tmp_path: Path) -> None:
     public_key = ssh_public_key(tmp_path)
     added = cli("ssh-key", "add", str(tmp_path / "id_ed25519.pub"), "--name", "laptop", env=admin_env)

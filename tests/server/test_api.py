@@ -302,3 +302,26 @@ def test_an_environment_of_a_project_takes_the_projects_settings(admin_client: C
         {"spec": {"project_id": project["metadata"]["id"], "automations_path": ".gitpod/automations.yaml"}},
     )["spec"]
     assert own["automations_path"] == ".gitpod/automations.yaml"
+
+
+def test_a_new_environment_gets_its_creators_dotfiles_unless_it_says_otherwise(admin_client: Client) -> None:
+    bob = make_user(admin_client, "bob")
+    me = bob.get("/api/v1/whoami")["id"]
+    dotfiles = {"url": "https://git.test/bob/dotfiles.git", "ref": "main"}
+    assert (
+        bob.patch(f"/api/v1/users/{me}", {"spec": {"dotfiles": dotfiles}})["spec"]["dotfiles"]["url"] == dotfiles["url"]
+    )
+
+    inherited = bob.post("/api/v1/environments", {"spec": {"image": "i"}})
+    assert inherited["spec"]["dotfiles"]["url"] == dotfiles["url"]
+    assert inherited["spec"]["dotfiles"]["ref"] == "main"
+    declined = bob.post("/api/v1/environments", {"spec": {"image": "i", "dotfiles": None}})
+    assert declined["spec"]["dotfiles"] is None
+    # Other people's environments are not theirs to dress.
+    assert admin_client.post("/api/v1/environments", {"spec": {"image": "i"}})["spec"]["dotfiles"] is None
+
+    bob.patch(f"/api/v1/users/{me}", {"spec": {"dotfiles": None}})
+    assert bob.post("/api/v1/environments", {"spec": {"image": "i"}})["spec"]["dotfiles"] is None
+    with pytest.raises(ApiError) as refused:
+        bob.patch(f"/api/v1/users/{me}", {"spec": {"dotfiles": {"url": "ext::sh -c evil"}}})
+    assert refused.value.status == 422

@@ -113,6 +113,47 @@ def set_role(invocation: Invocation, user_ref: str, role: str, org_ref: str | No
     invocation.emit(changed, lambda _: _render.plain(f"User {user_id} is now {role}."))
 
 
+@user.command("dotfiles")
+@click.argument("url", required=False)
+@click.option("--ref", help="A branch, tag or commit of the repository; default: its default branch.")
+@click.option("--clear", is_flag=True, help="Install no dotfiles in new environments.")
+@api_command
+def dotfiles(invocation: Invocation, url: str | None, ref: str | None, clear: bool) -> None:
+    """Show or set your dotfiles repository: each environment you create clones it and, on its first start,
+    runs its install script (install.sh, bootstrap.sh, setup.sh...) or links its dotfiles into your home."""
+    from devyard.wire.git_context import parse_git_context
+
+    if clear and (url or ref):
+        raise click.UsageError("--clear takes no URL or --ref")
+    if ref and not url:
+        raise click.UsageError("--ref needs a URL")
+    client = invocation.client()
+    me = client.get("/api/v1/whoami")
+    if me.get("principal") != "user":
+        raise click.ClickException("only a user has dotfiles; this credential is a runner's")
+    if url is None and not clear:
+        current = client.get(f"/api/v1/users/{me['id']}")
+        invocation.emit(current["spec"].get("dotfiles"), _dotfiles_line)
+        return
+    repository: dict[str, Any] | None = None
+    if url is not None:
+        try:
+            # A local path works on a desktop runner (devyard up), whose host is yours.
+            pasted = parse_git_context(url, allow_local=True)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        repository = {"url": pasted.url, "ref": ref or pasted.ref}
+    changed = client.patch(f"/api/v1/users/{me['id']}", {"spec": {"dotfiles": repository}})
+    invocation.emit(changed["spec"].get("dotfiles"), _dotfiles_line)
+
+
+def _dotfiles_line(repository: dict[str, Any] | None) -> RenderableType:
+    if not repository:
+        return _render.plain("No dotfiles: new environments get none.")
+    at = f" at {repository['ref']}" if repository.get("ref") else ""
+    return _render.plain(f"Dotfiles: {repository['url']}{at}; new environments install them on their first start.")
+
+
 def _user_table(data: dict[str, Any], roles: dict[str, list[str]]) -> RenderableType:
     from devyard.wire.organizations import User
 

@@ -36,16 +36,17 @@ from devyard.devcontainer.config import Mount as DevContainerMount
 from devyard.devcontainer.errors import ConfigError
 from devyard.devcontainer.features import ResolvedFeature, metadata_entry, resolve_features, write_build_context
 from devyard.devcontainer.image_metadata import MergedConfig
-from devyard.runner import lifecycle
+from devyard.runner import dotfiles, lifecycle
 from devyard.runner.atomic_file import write_atomically
 from devyard.runner.automations.file_format import Automations, find_automations_file, load_automations
 from devyard.runner.content import fetch_content, git_credentials
+from devyard.runner.dotfiles import fetch_dotfiles
 from devyard.runner.errors import PermanentError, RunnerError
 from devyard.runner.features import FeatureCache, features_root
 from devyard.runner.images import builder
 from devyard.runner.images.builder import BuildSpec
 from devyard.runner.runtime import ContainerSpec, Mount, MountKind, Runtime
-from devyard.wire.environments import ContentSpec, Environment
+from devyard.wire.environments import ContentSpec, Environment, GitContent
 from devyard.wire.secrets import SecretValue
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: Where a workspace is mounted when devcontainer.json does not say (the spec's default).
 _WORKSPACES: Final = PurePosixPath("/workspaces")
+#: The volume that holds the user's dotfiles repository as fetched.
+_DOTFILES_VOLUME: Final = "dotfiles"
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class DevContainers:
         except RunnerError as exc:
             build_log.line(f"error: {exc}")
             raise
+        if environment.spec.dotfiles is not None:
+            spec, plan = await self._with_dotfiles(key, environment.spec.dotfiles, secrets, spec, plan, build_log)
         prepared = Prepared(
             spec=spec,
             plan=plan,
@@ -147,6 +152,44 @@ class DevContainers:
         )
         self._keep(key, prepared)
         return prepared
+
+    async def _with_dotfiles(
+        self,
+        key: str,
+        repository: GitContent,
+        secrets: list[SecretValue],
+        spec: ContainerSpec,
+        plan: lifecycle.LifecyclePlan,
+        build_log: _BuildLog,
+    ) -> tuple[ContainerSpec, lifecycle.LifecyclePlan]:
+        """The user's dotfiles fetched into a volume the container sees read-only, and their install added after
+        ``postCreateCommand``. Dotfiles that cannot be fetched are reported and left out: the environment is
+        worth more than the prompt."""
+        started = time.monotonic()
+        try:
+            fetched = await fetch_dotfiles(
+                repository,
+                self.runtime.volume(key, _DOTFILES_VOLUME),
+                credentials=git_credentials(secrets),
+                desktop=self.desktop,
+            )
+        except RunnerError as exc:
+            build_log.line(f"dotfiles: {exc}; the environment goes on without them")
+            return spec, plan
+        what = "the install script" if fetched.install else f"{len(fetched.links)} links"
+        build_log.line(
+            f"dotfiles: {repository.url} at {(fetched.commit or '?')[:12]} ({what}) in "
+            f"{time.monotonic() - started:.1f}s; installed into ~/dotfiles after postCreateCommand"
+        )
+        mount = Mount(MountKind.VOLUME, str(dotfiles.SOURCE), source=_DOTFILES_VOLUME, read_only=True)
+        install = lifecycle.HookCommand("postCreateCommand", ("/bin/sh", "-c", fetched.command()), "dotfiles")
+        after = lifecycle.HOOKS.index("postCreateCommand")
+        commands = [c for c in plan.commands if lifecycle.HOOKS.index(c.hook) <= after]
+        commands += [install, *(c for c in plan.commands if lifecycle.HOOKS.index(c.hook) > after)]
+        return (
+            dataclasses.replace(spec, mounts=(*spec.mounts, mount)),
+            dataclasses.replace(plan, commands=tuple(commands)),
+        )
 
     def _config(self, environment: Environment, workspace: Path, name: str) -> DevContainerConfig | None:
         """The workspace's devcontainer.json, loaded; None when it has none (and none was asked for)."""

@@ -141,6 +141,9 @@ class EnvironmentSpec(WriteModel):
     #: A new value rebuilds the dev container (``devyard env rebuild``): the container is made again from the
     #: repository's dev container definition; the workspace is kept.
     rebuild_request: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: A dotfiles repository installed on the first start (into ``~/dotfiles``; its install script, or links).
+    #: Not given at creation: the creator's own (``UserSpec.dotfiles``); null: none.
+    dotfiles: GitContent | None = None
 
 
 class EnvironmentSpecPatch(WriteModel):

@@ -6,6 +6,7 @@ import enum
 
 from pydantic import Field
 
+from devyard.wire.environments import GitContent
 from devyard.wire.meta import Condition, MetadataPatch, MetadataWrite, ReadModel, Resource, WriteModel
 
 __all__ = [
@@ -71,11 +72,15 @@ class OrganizationPatch(WriteModel):
 class UserSpec(WriteModel):
     display_name: str = Field(default="", max_length=200)
     email: str | None = Field(default=None, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    #: The user's dotfiles repository: each environment they create installs it on its first start.
+    dotfiles: GitContent | None = None
 
 
 class UserSpecPatch(WriteModel):
     display_name: str | None = Field(default=None, max_length=200)
     email: str | None = Field(default=None, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    #: Null removes it.
+    dotfiles: GitContent | None = None
     #: Suspend or restore: a suspended user's tokens stop working.
     suspended: bool | None = None
 

@@ -383,3 +383,44 @@ def test_a_hook_failing_after_wait_for_leaves_the_environment_running_with_the_h
     assert condition["status"] == "False" and "too-late-to-fail" in condition["message"], condition
     assert status(admin, environment_id)["phase"] == "running"
     delete(runner_host, admin, environment_id)
+
+
+def test_the_creators_dotfiles_are_installed_after_post_create_once_into_their_own_copy(
+    runner_host: RunnerHost, admin: Client, repositories: GitServer, busybox_image: str
+) -> None:
+    install = '#!/bin/sh\necho "dotfiles in $PWD" >> /workspaces/dotted/markers\n'
+    dotfiles_url = publish(repositories, "dotfiles.git", {"install.sh": install, ".vimrc": "set nu\n"})
+    me = admin.get("/api/v1/whoami")["id"]
+    admin.patch(f"/api/v1/users/{me}", {"spec": {"dotfiles": {"url": dotfiles_url}}})
+    try:
+        config = {
+            "image": busybox_image,
+            "postCreateCommand": "echo postCreate >> markers",
+            "postStartCommand": "echo postStart >> markers",
+        }
+        url = publish(repositories, "dotted.git", {".devcontainer/devcontainer.json": devcontainer(config)})
+        environment_id = create(admin, url)
+    finally:
+        admin.patch(f"/api/v1/users/{me}", {"spec": {"dotfiles": None}})
+    created = admin.get(f"/api/v1/environments/{environment_id}")
+    assert created["spec"]["dotfiles"]["url"] == dotfiles_url, "the creator's setting, copied at creation"
+    reach(runner_host, admin, environment_id, "running")
+
+    def markers() -> list[str]:
+        return inside(runner_host, environment_id, "cat /workspaces/dotted/markers 2>/dev/null || true").splitlines()
+
+    first = wait_for(markers, lambda m: m[-1:] == ["postStart"], timeout=30, what="postStart")
+    assert first == ["postCreate", "dotfiles in /root/dotfiles", "postStart"]
+    # The user's own copy: theirs to change (the fetched source is read-only and belongs to nobody inside).
+    assert inside(runner_host, environment_id, "stat -c %u /root/dotfiles/.vimrc").strip() == "0"
+    assert inside(runner_host, environment_id, "cat /root/dotfiles/.vimrc") == "set nu\n"
+    assert runner_host.exec(environment_id, "touch /var/lib/devyard/dotfiles/x").returncode != 0
+
+    set_phase(admin, environment_id, "stopped")
+    reach(runner_host, admin, environment_id, "stopped")
+    set_phase(admin, environment_id, "running")
+    reach(runner_host, admin, environment_id, "running")
+    again = wait_for(markers, lambda m: len(m) >= 4, timeout=30, what="postStart again")
+    assert again == [*first, "postStart"], "dotfiles are installed once, on the first start"
+    assert "dotfiles: " in logs(admin, environment_id, "build")
+    delete(runner_host, admin, environment_id)

@@ -26,6 +26,7 @@ from devyard.wire.environments import (
     EnvironmentPhase,
     EnvironmentSpec,
     EnvironmentStatusWrite,
+    GitContent,
 )
 
 __all__ = [
@@ -105,6 +106,11 @@ async def prepare_create(
         )
         if default is not None:
             spec = spec.model_copy(update={"class_id": default})
+    if "dotfiles" not in spec.model_fields_set:
+        # The creator's own dotfiles, as their settings say now: later changes to them leave it alone.
+        user = await resources.get(session, "User", principal.id)
+        if user is not None and user.spec.get("dotfiles"):
+            spec = spec.model_copy(update={"dotfiles": GitContent.model_validate(user.spec["dotfiles"])})
     await _check_references(session, principal, org_id, spec)
     limit = organization.spec.get("policy", {}).get("max_environments_per_user")
     if limit is not None:
