@@ -31,6 +31,8 @@ class Target:
     key: Path
     #: A known-hosts file of this target's own, empty at the start of the run.
     known_hosts: Path
+    #: Options this target's row adds to the common ones (none for the main rows).
+    extra: tuple[str, ...] = ()
 
 
 def _options(target: Target, port_flag: str) -> list[str]:
@@ -39,7 +41,7 @@ def _options(target: Target, port_flag: str) -> list[str]:
     return [
         "-F", "/dev/null", "-i", str(target.key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
         "-o", "ControlMaster=no", "-o", "ControlPath=none", "-o", "StrictHostKeyChecking=accept-new",
-        "-o", f"UserKnownHostsFile={target.known_hosts}", port_flag, str(target.port),
+        "-o", f"UserKnownHostsFile={target.known_hosts}", port_flag, str(target.port), *target.extra,
     ]  # fmt: skip
 
 
@@ -63,10 +65,11 @@ def scp_seconds(target: Target, local: Path) -> float:
 
 
 def negotiated(target: Target) -> str:
-    """The cipher and MAC the client and the target agreed on (from ``ssh -v``), e.g. ``chacha20-poly1305@...``."""
+    """The key exchange, cipher and MAC the client and the target agreed on (from ``ssh -v``)."""
     answer = run_command(target, "true", verbose=True)
+    kex = re.search(r"kex: algorithm: (\S+)", answer.stderr)
     found = re.search(r"kex: server->client cipher: (\S+) MAC: (\S+)", answer.stderr)
-    if found is None:
+    if kex is None or found is None:
         return "unknown"
     cipher, mac = found.groups()
-    return cipher if mac == "<implicit>" else f"{cipher} + {mac}"
+    return f"kex {kex.group(1)}, " + (cipher if mac == "<implicit>" else f"{cipher} + {mac}")
