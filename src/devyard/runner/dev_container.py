@@ -331,6 +331,8 @@ class DevContainers:
                 override_order=config.override_feature_install_order,
             )
         build_log.line("Features, in install order: " + ", ".join(f.describe() for f in resolved))
+        # The first environment of a new runner reaches here before anything made the directory.
+        self.directory(key).parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.directory(key).parent, prefix=".features-") as scratch:
             dockerfile = write_build_context(
                 Path(scratch) / "context",
