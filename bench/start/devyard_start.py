@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -40,7 +40,7 @@ from bench.api.server import running_server
 from bench.start import commands, report
 from support import network
 
-__all__ = ["image_store_available", "linux_runtime_available", "measure"]
+__all__ = ["image_store_available", "linux_runtime_available", "measure", "running_runner"]
 
 #: ``__main__``'s way to run a part: ``attempt(record_failure, action)`` returns what ``action`` returns, or
 #: None after passing the failure's message to ``record_failure``.
@@ -69,11 +69,18 @@ def _devyard_command() -> list[str]:
 
 
 @contextmanager
-def _running_runner(
-    server_url: str, admin_token: str, work: Path, registry_host: str, runtime: str
+def running_runner(
+    server_url: str,
+    admin_token: str,
+    work: Path,
+    registry_host: str,
+    runtime: str,
+    settings: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``devyard runner --runtime linux`` as its own process, on its own bridge and subnet (so it meets no other
-    runner on the host), its gateway on a free port of 127.0.0.1; stopped with SIGTERM on exit."""
+    runner on the host), its gateway on a free port of 127.0.0.1; stopped with SIGTERM on exit. ``settings``:
+    more of ``RunnerSettings`` by field name (``{"desktop": "true"}``), given as its environment variables.
+    Also used by ``bench.devcontainer``."""
     work.mkdir(parents=True, exist_ok=True)
     env = {"DEVYARD_SERVER": server_url, "DEVYARD_TOKEN": admin_token, "XDG_CONFIG_HOME": str(work / "config")}
     created = json.loads(
@@ -85,6 +92,7 @@ def _running_runner(
         **{key: value for key, value in os.environ.items() if not key.startswith("DEVYARD_")},
         **{f"DEVYARD_RUNNER_{key.upper()}": value for key, value in runner_network.items()},
         "DEVYARD_RUNNER_LOG_LEVEL": "WARNING",
+        **{f"DEVYARD_RUNNER_{key.upper()}": value for key, value in (settings or {}).items()},
     }
     argv = [
         *_devyard_command(), "runner", "--server", server_url, "--token", created["exchange_token"],
@@ -357,7 +365,7 @@ def _measure(
         work.mkdir(parents=True, exist_ok=True)
         server = stack.enter_context(running_server(work / "server", None, work / "server.log"))
         runner = stack.enter_context(
-            _running_runner(server.url, server.admin_token, work / "runner", registry_host, options.devyard_runtime)
+            running_runner(server.url, server.admin_token, work / "runner", registry_host, options.devyard_runtime)
         )
         environments = _Environments(server.url, server.admin_token, image, runner, work / "runner" / "runner.log")
         stack.callback(environments.close)
