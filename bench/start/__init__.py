@@ -16,9 +16,9 @@ inside it ("started and answered"), on the same busybox root filesystem (``test_
 Besides starts: the cold pull (``cold_pull``: ``skopeo copy`` + ``umoci unpack`` against the image store on a
 local registry) and the idle density (``devyard_start``: the runner's memory per idle environment).
 
-Modules: ``__main__`` (options, the order of the run), ``test_image``, ``commands`` (subprocesses with
-deadlines), ``docker_engine``, ``peers``, ``cold_pull``, ``devyard_start``, ``report``. Everything talks to
-127.0.0.1 or to nothing at all, and every wait has a deadline.
+Modules: ``__main__`` (options, the order of the run), ``harness`` (the cache, the outcome of each part),
+``test_image``, ``commands`` (subprocesses with deadlines), ``docker_engine``, ``peers``, ``cold_pull``,
+``devyard_start``, ``report``. Everything talks to 127.0.0.1 or to nothing at all, and every wait has a deadline.
 """
 
 import sys

@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import shutil
 import sys
 import tempfile
-import traceback
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TypeVar
 
-from bench.start import cold_pull, commands, devyard_start, docker_engine, peers, report, test_image
+from bench.start import cold_pull, commands, devyard_start, docker_engine, harness, peers, report, test_image
 from support import images, registry
 
 PARTS = ("runc", "docker", "devcontainer", "devyard", "cold-pull", "density")
 #: The image every contender starts, as docker and devcontainer name it once loaded.
 _DOCKER_IMAGE = "devyard-bench/busybox:latest"
-_T = TypeVar("_T")
-
-
-def _default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(os.environ.get("DEVYARD_BENCH_CACHE") or Path(base) / "devyard-bench")
 
 
 def _options(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +50,7 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cache",
         type=Path,
-        default=_default_cache(),
+        default=harness.default_cache(),
         help="where the Debian root and the Dev Containers CLI are kept (default $DEVYARD_BENCH_CACHE or "
         "~/.cache/devyard-bench; bench/start/setup installs the CLI there)",
     )
@@ -76,44 +66,13 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     return options
 
 
-def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}"
-
-
-def _version(argv: list[str]) -> str:
-    try:
-        return commands.run(argv, timeout=30).strip().splitlines()[0]
-    except (commands.CommandFailed, IndexError):
-        return "unknown"
-
-
-class _Outcome:
-    """Whether every part that ran finished; each part's failure is recorded where the report shows it."""
-
-    def __init__(self) -> None:
-        self.failed = False
-
-    def attempt(self, record: Callable[[str], None], action: Callable[[], _T]) -> _T | None:
-        """``action()``, or None after printing its traceback and passing its message to ``record``."""
-        try:
-            return action()
-        except Exception as exc:
-            traceback.print_exc()
-            self.failed = True
-            record(f"FAILED: {exc}".splitlines()[0][:300])
-            return None
-
-
 def _peers(
-    run: report.Run, options: argparse.Namespace, work: Path, rootfs: Path, image: test_image.Layout, outcome: _Outcome
+    run: report.Run,
+    options: argparse.Namespace,
+    work: Path,
+    rootfs: Path,
+    image: test_image.Layout,
+    outcome: harness.Outcome,
 ) -> None:
     starts = run.starts
 
@@ -125,7 +84,7 @@ def _peers(
     elif shutil.which("runc") is None:
         starts.missing[report.RUNC] = "skipped: runc is not installed (scripts/setup installs it)"
     else:
-        run.versions["runc"] = _version(["runc", "--version"]).removeprefix("runc version ")
+        run.versions["runc"] = harness.version(["runc", "--version"]).removeprefix("runc version ")
         for key, measure in ((report.RUNC, peers.measure_runc), (report.RUNC_ONE_SHOT, peers.measure_runc_one_shot)):
             samples = outcome.attempt(missing(key), functools.partial(measure, rootfs, work / "runc", options.runs))
             if samples is not None:
@@ -166,7 +125,7 @@ def _peers(
                     if samples is not None:
                         starts.samples[key] = samples
             if "devcontainer" in wanted and cli is not None:
-                run.versions["@devcontainers/cli"] = _version([str(cli), "--version"])
+                run.versions["@devcontainers/cli"] = harness.version([str(cli), "--version"])
                 samples = outcome.attempt(
                     missing(report.DEVCONTAINER),
                     lambda: peers.measure_devcontainer(engine, cli, _DOCKER_IMAGE, work / "devcontainer", options.runs),
@@ -183,13 +142,13 @@ def _peers(
 
 def _cold_pull(
     run: report.Run, options: argparse.Namespace, work: Path, registry_host: str, busybox: test_image.Layout,
-    outcome: _Outcome,
+    outcome: harness.Outcome,
 ) -> None:  # fmt: skip
     layout = test_image.debian(work / "debian-oci") if options.cold_image == "debian" else busybox
     reference = images.push(layout.path, registry_host, f"bench/{options.cold_image}:latest")
     pull = run.cold_pull = report.ColdPull(reference, layout.size)
-    run.versions["skopeo"] = _version(["skopeo", "--version"]).removeprefix("skopeo version ")
-    run.versions["umoci"] = _version(["umoci", "--version"]).removeprefix("umoci version ")
+    run.versions["skopeo"] = harness.version(["skopeo", "--version"]).removeprefix("skopeo version ")
+    run.versions["umoci"] = harness.version(["umoci", "--version"]).removeprefix("umoci version ")
     result = outcome.attempt(
         lambda reason: pull.missing.__setitem__("peer", reason),
         lambda: cold_pull.measure_peer(reference, work / "cold-peer", options.runs),
@@ -209,8 +168,8 @@ def _cold_pull(
 
 def main(argv: list[str] | None = None) -> int:
     options = _options(argv)
-    run = report.Run(_machine(), {}, options.runs)
-    outcome = _Outcome()
+    run = report.Run(harness.machine(), {}, options.runs)
+    outcome = harness.Outcome()
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="devyard-bench-start-"))
         # Root inside an environment is an unprivileged id outside: it must be able to reach the runner's state
