@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 #: How long the keys the management plane listed for an environment are used before it is asked again.
 KEY_CACHE_SECONDS: Final = 3.0
+#: Connections not yet authenticated, from one client address and in all (sshd's MaxStartups): more are closed
+#: at once, so a flood from one address cannot take the gateway from everyone else.
+UNAUTHENTICATED_PER_ADDRESS: Final = 64
+UNAUTHENTICATED_TOTAL: Final = 512
 #: Between SIGHUP and SIGKILL for a session whose client went away.
 _KILL_GRACE: Final = 2.0
 #: After the command exited, how long output still held open by its children may keep coming.
@@ -170,6 +174,8 @@ class SshGateway:
         self._key_lookups: dict[str, asyncio.Future[frozenset[bytes]]] = {}
         self._sessions: set[_Session] = set()
         self.activity = activity or Activity()
+        #: Client address -> its connections that have not authenticated yet.
+        self._unauthenticated: dict[str, int] = {}
         #: The port it listens on; set by ``start``.
         self.port: int | None = None
 
@@ -237,6 +243,24 @@ class SshGateway:
     def touch(self, environment_id: str) -> None:
         self.activity.touch(environment_id)
 
+    def admit_connection(self, address: str) -> bool:
+        """Count a new connection from ``address`` until ``authenticated``; False (and not counted) when the
+        address, or everyone together, has too many connections that have not authenticated."""
+        if self._unauthenticated.get(address, 0) >= UNAUTHENTICATED_PER_ADDRESS:
+            return False
+        if sum(self._unauthenticated.values()) >= UNAUTHENTICATED_TOTAL:
+            return False
+        self._unauthenticated[address] = self._unauthenticated.get(address, 0) + 1
+        return True
+
+    def authenticated(self, address: str) -> None:
+        """A connection ``admit_connection`` counted authenticated, or went away before it did."""
+        left = self._unauthenticated.get(address, 0) - 1
+        if left > 0:
+            self._unauthenticated[address] = left
+        else:
+            self._unauthenticated.pop(address, None)
+
     def track(self, session: _Session, open_: bool) -> None:
         if open_:
             self._sessions.add(session)
@@ -284,9 +308,25 @@ class _Connection(asyncssh.SSHServer):
         self._connection: asyncssh.SSHServerConnection | None = None
         self._environment_id = ""
         self._refused = False
+        #: The client's address while it counts among the gateway's unauthenticated connections.
+        self._counted: str | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._connection = conn
+        address = str((conn.get_extra_info("peername") or ("",))[0])
+        if not self._gateway.admit_connection(address):
+            log.warning("ssh connection from %s closed: too many from it (or in all) not yet logged in", address)
+            conn.abort()
+            return
+        self._counted = address
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._uncount()
+
+    def _uncount(self) -> None:
+        if self._counted is not None:
+            self._gateway.authenticated(self._counted)
+            self._counted = None
 
     async def begin_auth(self, username: str) -> bool:
         assert self._connection is not None
@@ -307,6 +347,7 @@ class _Connection(asyncssh.SSHServer):
         return await self._gateway.accepts(username, key)
 
     def auth_completed(self) -> None:
+        self._uncount()
         log.info("ssh session for %s from %s", self._environment_id, self._peer())
         self._gateway.touch(self._environment_id)
 

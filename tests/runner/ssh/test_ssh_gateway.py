@@ -33,7 +33,7 @@ import pytest
 from devyard.client import ApiError, AsyncClient, Client
 from devyard.runner.linux.runtime import LinuxRuntime
 from devyard.runner.runtime import ContainerSpec
-from devyard.runner.ssh_gateway import SshAccess, SshGateway, server_authorized_keys
+from devyard.runner.ssh_gateway import UNAUTHENTICATED_PER_ADDRESS, SshAccess, SshGateway, server_authorized_keys
 from devyard.wire.environments import Environment
 from support import host, live_server
 
@@ -441,6 +441,44 @@ def test_many_connections_at_once_leave_the_gateway_serving(world: World) -> Non
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_flood_from_one_address_is_cut_off_and_others_still_get_in(world: World) -> None:
+    _, key, _ = world.user("alice")
+    env_id = world.environment(world.users["alice"][0])
+    port = world.gateway.port or 0
+    flood = [
+        socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+        for _ in range(UNAUTHENTICATED_PER_ADDRESS + 10)
+    ]
+    try:
+        assert len(closed_within(flood, 3.0)) == 10, "past the address's limit, closed at once; the others kept"
+        assert world.ssh(key, env_id, "echo still").stdout.strip() == "still"
+    finally:
+        for sock in flood:
+            sock.close()
+    # Once the flood is gone, that address is welcome again.
+    again = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+    with again:
+        assert not closed_within([again], 1.0)
+
+
+def closed_within(sockets: list[socket.socket], seconds: float) -> list[socket.socket]:
+    """Those of ``sockets`` the other side closes within ``seconds`` (whatever it sent before)."""
+    closed: list[socket.socket] = []
+    open_ = list(sockets)
+    deadline = time.monotonic() + seconds
+    while open_ and (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select(open_, [], [], left)
+        for sock in readable:
+            try:
+                data = sock.recv(4096)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                closed.append(sock)
+                open_.remove(sock)
+    return closed
 
 
 def set_size(terminal: int, rows: int, columns: int) -> None:
