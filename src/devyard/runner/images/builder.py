@@ -2,7 +2,8 @@
 
 Called by the runner when a devcontainer.json says ``build`` instead of ``image``, and to install Features (a
 small Dockerfile on top of the base image): ``build(store, builds_root(state_dir), BuildSpec(...))`` returns
-``Built``, the stored image's reference (``devyard.local/build:<cache key>``) and whether the cache had it. The
+``Built``, the stored image's reference (``devyard.local/build:<cache key>``) and whether the cache had it
+(``cached`` answers that alone, without building). The
 linux runtime then starts it like any other image of the store; its name keeps it from garbage collection until
 someone removes it. It is under ``devyard.local`` so that the store never tries to pull it from a registry.
 
@@ -74,6 +75,7 @@ __all__ = [
     "build",
     "builds_root",
     "cache_key",
+    "cached",
 ]
 
 #: Where built images are named: ``devyard.local/build:<cache key>``.
@@ -659,6 +661,44 @@ async def _key_lock(path: Path) -> AsyncIterator[None]:
 # --- building ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Keyed:
+    """A build's parsed options and arguments, its resolved base images, and its cache key."""
+
+    options: _Options
+    args: Mapping[str, str]
+    bases: Sequence[_Base]
+    credentials: Credentials
+    key: str
+    name: str
+
+
+async def _keyed(store: ImageStore, spec: BuildSpec, credentials: Credentials | None) -> _Keyed:
+    options = _parse_options(spec.options)
+    args = {**dict(options.build_args), **spec.args}
+    if not spec.context.is_dir():
+        raise PermanentError(f"the build context {spec.context} is not a directory")
+    try:
+        dockerfile_text = spec.dockerfile.read_text()
+    except OSError as exc:
+        raise PermanentError(f"the Dockerfile {spec.dockerfile} cannot be read: {exc}") from exc
+    all_credentials: Credentials = {**store.credentials, **(credentials or {})}
+    bases = await _resolve(store, _base_images(dockerfile_text, args, spec.dockerfile), all_credentials)
+    context_digest = await asyncio.to_thread(_context_digest, spec.context)
+    key = cache_key(spec, dockerfile_text, context_digest, {str(base.reference): base.digest for base in bases})
+    return _Keyed(options, args, bases, all_credentials, key, f"{BUILD_REPOSITORY}:{key}")
+
+
+async def cached(store: ImageStore, spec: BuildSpec, *, credentials: Credentials | None = None) -> Built | None:
+    """What ``build`` would return without running buildah, or None when it would run it (the store has no
+    image of the cache key, or the options say ``--no-cache``). For a caller that must prepare something for a
+    real build only, such as a network namespace for its RUN steps. Raises what ``build`` raises before buildah."""
+    keyed = await _keyed(store, spec, credentials)
+    if keyed.options.no_cache or (digest := store.lookup(keyed.name)) is None:
+        return None
+    return Built(keyed.name, digest, cached=True)
+
+
 async def build(
     store: ImageStore,
     root: Path,
@@ -675,34 +715,31 @@ async def build(
     namespace for ``RUN`` steps to join (else they have no network). Raises ``BuildFailed`` (the step and the
     last lines of output), ``PermanentError`` (no buildah, a bad spec or option, a missing base image) or
     ``TemporaryError`` (a registry or buildah's pull failing, a full disk)."""
-    options = _parse_options(spec.options)
-    args = {**dict(options.build_args), **spec.args}
-    if not spec.context.is_dir():
-        raise PermanentError(f"the build context {spec.context} is not a directory")
-    try:
-        dockerfile_text = spec.dockerfile.read_text()
-    except OSError as exc:
-        raise PermanentError(f"the Dockerfile {spec.dockerfile} cannot be read: {exc}") from exc
-    all_credentials: Credentials = {**store.credentials, **(credentials or {})}
-    bases = await _resolve(store, _base_images(dockerfile_text, args, spec.dockerfile), all_credentials)
-    context_digest = await asyncio.to_thread(_context_digest, spec.context)
-    key = cache_key(spec, dockerfile_text, context_digest, {str(base.reference): base.digest for base in bases})
-    name = f"{BUILD_REPOSITORY}:{key}"
-    if not options.no_cache and (digest := store.lookup(name)) is not None:
+    keyed = await _keyed(store, spec, credentials)
+    name, no_cache = keyed.name, keyed.options.no_cache
+    if not no_cache and (digest := store.lookup(name)) is not None:
         return Built(name, digest, cached=True)
     if shutil.which("buildah") is None:
         raise PermanentError(
             "building a dev container image needs buildah, which is not installed on this runner host: install "
             "the Debian package buildah (apt-get install buildah)"
         )
-    async with _key_lock(root / "locks" / key):
-        if not options.no_cache and (digest := store.lookup(name)) is not None:
+    async with _key_lock(root / "locks" / keyed.key):
+        if not no_cache and (digest := store.lookup(name)) is not None:
             return Built(name, digest, cached=True)
-        work = root / "work" / key
+        work = root / "work" / keyed.key
         await _clear(work)  # what a killed build of this key left
         try:
             digest = await _build(
-                store, _Run(work, output), spec, options, args, bases, all_credentials, network_namespace, name
+                store,
+                _Run(work, output),
+                spec,
+                keyed.options,
+                keyed.args,
+                keyed.bases,
+                keyed.credentials,
+                network_namespace,
+                name,
             )
         finally:
             await asyncio.shield(_clear(work))
