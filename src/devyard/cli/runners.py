@@ -45,6 +45,9 @@ __all__ = ["runner"]
     help="Reach this registry over plain http (repeatable).",
 )
 @click.option("--gateway-listen", metavar="HOST:PORT", help="Where the gateway (exec, SSH) listens [0.0.0.0:7481].")
+@click.option(
+    "--ports-listen", metavar="HOST:PORT", help="Where the port proxy (environments' HTTP ports) listens [off]."
+)
 @click.pass_context
 def runner(
     ctx: click.Context,
@@ -54,6 +57,7 @@ def runner(
     runtime: str | None,
     insecure_registries: tuple[str, ...],
     gateway_listen: str | None,
+    ports_listen: str | None,
 ) -> None:
     """Run a runner on this host, or manage runners with a subcommand.
 
@@ -69,11 +73,13 @@ def runner(
         "runtime": runtime,
         "insecure_registries": list(insecure_registries) or None,
         "gateway_listen": gateway_listen,
+        "ports_listen": ports_listen,
     }
     if ctx.invoked_subcommand is not None:
         if any(value is not None for value in given.values()):
             raise click.UsageError(
-                "--server/--token/--state-dir/--runtime/--insecure-registry/--gateway-listen before a subcommand "
+                "--server/--token/--state-dir/--runtime/--insecure-registry/--gateway-listen/--ports-listen before a "
+                "subcommand "
                 "run a runner; "
                 f"put them after `{ctx.invoked_subcommand}` (`devyard runner {ctx.invoked_subcommand} --help`)"
             )

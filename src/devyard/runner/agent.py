@@ -17,7 +17,11 @@ inside their own event loop. ``Agent.run()`` does, in order:
    - the gateway (``gateway.Gateway``), unless ``gateway_listen`` is empty: it fetches the runner's gateway
      key (``GET /api/v1/runners/{id}/gateway-key``, retried with backoff), listens (a port that cannot be
      bound is retried too, loudly), and from then on the heartbeat reports its URL in
-     ``status.gateway.http_url`` (a heartbeat goes out at once when it starts). Its sessions end on ``stop()``.
+     ``status.gateway.http_url`` (a heartbeat goes out at once when it starts). Its sessions end on ``stop()``;
+   - the port proxy (``ports.PortProxy``) when ``ports_listen`` is set, with the same key; once it listens, running
+     environments report their ports' URLs in ``status.ports``;
+   - the port watch (``port_detection.PortWatch``): every 2 s it reads the listening ports of each running
+     environment and queues one whose ports changed, so that its ``status.ports`` follows what runs inside.
 3. On ``stop()``: the queue stops handing out work, reconciles in flight get ``stop_grace`` seconds to
    finish, everything else is cancelled, the runtime is closed. Containers keep running.
 
@@ -39,7 +43,7 @@ import httpx
 
 from devyard import __version__
 from devyard.client import ApiError, AsyncClient, RetryPolicy, TransportError
-from devyard.runner import credentials, ssh_gateway, state_lock
+from devyard.runner import credentials, ports, ssh_gateway, state_lock
 from devyard.runner.activity import Activity
 from devyard.runner.backoff import Backoff, BackoffPolicy
 from devyard.runner.clock import Clock, SystemClock
@@ -51,11 +55,13 @@ from devyard.runner.fake_runtime import FakeRuntime, FakeRuntimeConfig
 from devyard.runner.gateway import Gateway, TicketCheck, parse_listen
 from devyard.runner.informer import Informer
 from devyard.runner.log_shipper import LogShipper
+from devyard.runner.port_detection import PortWatch
 from devyard.runner.runtime import Runtime
 from devyard.runner.settings import RunnerSettings
 from devyard.runner.workqueue import WorkQueue
 from devyard.wire.access import GatewayKey, decode_key
-from devyard.wire.environments import Environment
+from devyard.wire.environments import Environment, EnvironmentPhase
+from devyard.wire.organizations import Organization, Whoami
 from devyard.wire.runners import GatewayEndpoint, RunnerPhase, RunnerStatus, RunnerStatusWrite
 
 __all__ = ["Agent", "make_runtime"]
@@ -120,6 +126,9 @@ class Agent:
         self.gateway: Gateway | None = None
         #: The SSH gateway, when ``ssh_listen`` is set.
         self.ssh_gateway: ssh_gateway.SshGateway | None = None
+        #: The port proxy, when ``ports_listen`` is set.
+        self.port_proxy: ports.PortProxy | None = None
+        self._gateway_key: asyncio.Future[bytes] | None = None
         #: When each environment was last used through a gateway; its reconcile reports it (idle timeouts).
         self.activity = Activity(self.queue.add)
         self._report_soon = asyncio.Event()
@@ -251,6 +260,7 @@ class Agent:
                 requeue=self.queue.add,
                 ssh_endpoint=self.ssh_endpoint,
                 activity=self.activity,
+                port_url=self._port_url,
             )
             self.controller = Controller(reconciler, self.queue, workers=settings.workers)
             log.info(
@@ -267,9 +277,12 @@ class Agent:
                 self._spawn(self.informer.run(), "runner-informer"),
                 self._spawn(self._resync(), "runner-resync"),
                 self._spawn(self.log_shipper.run(), "runner-log-shipper"),
+                self._spawn(PortWatch(self.runtime, self._running, self.queue.add).run(), "runner-port-watch"),
             ]
             if settings.gateway_listen:
                 loops.append(self._spawn(self._run_gateway(client, runner_id), "runner-gateway"))
+            if settings.ports_listen:
+                loops.append(self._spawn(self._run_port_proxy(client, runner_id), "runner-port-proxy"))
             if settings.ssh_listen:
                 access = ssh_gateway.SshAccess(
                     runner_id, self._cached_environment, partial(ssh_gateway.server_authorized_keys, client)
@@ -346,20 +359,90 @@ class Agent:
             assert self.informer is not None
             await self._queue_everything(self.informer.keys())
 
-    async def _run_gateway(self, client: AsyncClient, runner_id: str) -> None:
-        """Fetch the gateway key, listen, and serve until cancelled."""
-        settings = self.settings
+    async def _key(self, client: AsyncClient, runner_id: str) -> bytes:
+        """The runner's gateway key, fetched once (retried with backoff) for the gateway and the port proxy."""
+        if self._gateway_key is None:
+            self._gateway_key = asyncio.ensure_future(self._fetch_key(client, runner_id))
+        return await asyncio.shield(self._gateway_key)
+
+    async def _fetch_key(self, client: AsyncClient, runner_id: str) -> bytes:
         backoff = Backoff(self._reconnect_policy())
         while True:
             try:
                 answer = GatewayKey.model_validate(await client.get(f"/api/v1/runners/{runner_id}/gateway-key"))
-                key = decode_key(answer.key)
-                break
+                return decode_key(answer.key)
             except (ApiError, TransportError, ValueError) as exc:
                 delay = backoff.next_delay()
                 if backoff.failures == 1 or not isinstance(exc, TransportError):
                     log.warning("cannot fetch the gateway key, retrying in %.1fs: %s", delay, exc)
             await self.clock.sleep(delay)
+
+    async def _run_port_proxy(self, client: AsyncClient, runner_id: str) -> None:
+        """Fetch the gateway key, listen for the environments' ports, and serve until cancelled."""
+        settings = self.settings
+        key = await self._key(client, runner_id)
+
+        async def whoami(token: str) -> ports.Identity:
+            async with AsyncClient(
+                settings.server, token, transport=self._transport, retry=RetryPolicy(attempts=2), timeout=10.0
+            ) as asking:
+                try:
+                    answer = Whoami.model_validate(await asking.get("/api/v1/whoami"))
+                except ApiError as exc:
+                    if exc.status in (401, 403):
+                        raise ports.TokenRefused(str(exc)) from exc
+                    raise
+            if answer.principal != "user":
+                raise ports.TokenRefused("the token is not a user's")
+            organizations = frozenset(
+                m.metadata.organization_id for m in answer.memberships if m.metadata.organization_id
+            )
+            return ports.Identity(answer.id, organizations)
+
+        async def allows_public_ports(organization_id: str) -> bool:
+            found = Organization.model_validate(await client.get(f"/api/v1/organizations/{organization_id}"))
+            return found.spec.policy.allow_public_ports
+
+        access = ports.PortAccess(runner_id, key, self._cached_environment, whoami, allows_public_ports)
+        proxy = ports.PortProxy(
+            self.runtime,
+            access,
+            listen=settings.ports_listen,
+            domain=settings.ports_domain,
+            url=settings.ports_url,
+            hostname=settings.hostname,
+            activity=self.activity,
+            max_connections=settings.ports_max_connections,
+            max_per_client=settings.ports_max_connections_per_client,
+        )
+        self.port_proxy = proxy
+        try:
+            # Running environments report their ports' URLs: look at them again once it listens.
+            await proxy.serve(on_listening=self._queue_known)
+        finally:
+            self.port_proxy = None
+
+    def _port_url(self, environment_id: str, port: int) -> str | None:
+        proxy = self.port_proxy
+        return proxy.port_url(environment_id, port) if proxy is not None else None
+
+    def _running(self) -> list[str]:
+        """The environments the informer holds as running on this runner."""
+        informer = self.informer
+        if informer is None:
+            return []
+        found, keys = [], informer.keys()
+        for key in keys:
+            environment = informer.get(key)
+            if environment is not None and environment.status.phase is EnvironmentPhase.RUNNING:
+                found.append(key)
+        return found
+
+    async def _run_gateway(self, client: AsyncClient, runner_id: str) -> None:
+        """Fetch the gateway key, listen, and serve until cancelled."""
+        settings = self.settings
+        backoff = Backoff(self._reconnect_policy())
+        key = await self._key(client, runner_id)
         check = TicketCheck(runner_id=runner_id, key=key, environment=self._cached_environment)
         gateway = Gateway(
             self.runtime,

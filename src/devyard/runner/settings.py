@@ -89,6 +89,18 @@ class RunnerSettings(BaseSettings):
     #: The SSH gateway's host key, made at the first start if missing (mode 0600); default:
     #: ``<state_dir>/ssh_host_ed25519_key``.
     ssh_host_key: Path | None = None
+    #: Where the runner's port proxy (``devyard env port``: an environment's ports over HTTP) listens,
+    #: ``HOST:PORT`` (port 0: any free one); empty: no port proxy.
+    ports_listen: str = ""
+    #: Host-based port URLs, ``http://PORT-ID.DOMAIN[:listen port]/`` (ID: the environment id without ``env_``),
+    #: under this domain, whose names (a wildcard) lead to the proxy; none: path-based URLs under ``ports_url``.
+    ports_domain: str | None = None
+    #: The proxy's public base URL (``https://ports.example.com``): path-based URLs are ``BASE/ports/ENV_ID/PORT/``,
+    #: and host-based ones take its scheme and port; default: from ``ports_listen`` and ``hostname``.
+    ports_url: str | None = None
+    #: Connections the port proxy holds at once, in all and from one client address; more are refused (503, 429).
+    ports_max_connections: int = Field(default=1024, ge=1)
+    ports_max_connections_per_client: int = Field(default=128, ge=1)
 
     #: The fake runtime: seconds per operation (``pull``, ``create``, ``start``, ``stop``, ``delete``,
     #: ``exec``, ``inspect``, ``list``).

@@ -1,7 +1,10 @@
 """Access to a running environment through its runner's gateway: the management plane's answer, and the ticket.
 
-``POST /api/v1/environments/{id}/access`` answers ``EnvironmentAccess``: the gateway's URL and a short-lived
-ticket that the management plane signed. The user presents the ticket to the gateway (``Authorization: Bearer``);
+``POST /api/v1/environments/{id}/access`` (optionally with an ``AccessRequest`` body naming the scope) answers
+``EnvironmentAccess``: the gateway's URL and a short-lived ticket that the management plane signed. An ``exec``
+ticket opens one exec session on the gateway; a ``port`` ticket lets its holder through the runner's port proxy to
+the environment's ports (as the user it names, any number of times until it expires), and is what the proxy's login
+page takes from a browser. The user presents the ticket to the gateway (``Authorization: Bearer``);
 the runner checks it with the key it got from ``GET /api/v1/runners/{id}/gateway-key`` (``GatewayKey``). The
 management plane never talks to the runner, and the runner needs no round trip to check a ticket.
 
@@ -26,21 +29,31 @@ from devyard.wire.meta import ReadModel, WriteModel
 
 __all__ = [
     "TICKET_SCOPES",
+    "AccessRequest",
     "EnvironmentAccess",
     "ExecStart",
     "GatewayKey",
     "TicketClaims",
     "TicketError",
+    "TicketScope",
     "decode_key",
     "encode_key",
     "sign_ticket",
     "verify_ticket",
 ]
 
-#: What a ticket may be used for; ``exec`` opens processes in the environment.
-TICKET_SCOPES: Final = ("exec",)
+#: What a ticket may be used for: ``exec`` opens processes in the environment, ``port`` reaches its ports through
+#: the runner's port proxy.
+TICKET_SCOPES: Final = ("exec", "port")
+TicketScope = Literal["exec", "port"]
 #: A ticket longer than this is refused before it is decoded.
 _MAX_TICKET_LENGTH: Final = 2048
+
+
+class AccessRequest(WriteModel):
+    """The body of ``POST /api/v1/environments/{id}/access``; none at all asks for an exec ticket."""
+
+    scope: TicketScope = "exec"
 
 
 class EnvironmentAccess(ReadModel):
@@ -52,6 +65,7 @@ class EnvironmentAccess(ReadModel):
     #: Present it as ``Authorization: Bearer <ticket>`` to the gateway before ``expires_at``.
     ticket: str
     expires_at: datetime
+    scope: TicketScope = "exec"
 
 
 class GatewayKey(ReadModel):
@@ -87,7 +101,9 @@ class TicketClaims(BaseModel):
     environment_id: str = Field(min_length=1, max_length=64)
     user_id: str = Field(min_length=1, max_length=64)
     runner_id: str = Field(min_length=1, max_length=64)
-    scope: Literal["exec"]
+    scope: TicketScope
+    #: The user's organization that the environment belongs to (port tickets: admission by organization).
+    organization_id: str | None = Field(default=None, max_length=64)
     #: Expiry, seconds since the epoch.
     exp: int
     #: Random: two tickets are never equal.
@@ -126,9 +142,9 @@ def sign_ticket(claims: TicketClaims, key: bytes) -> str:
     return f"{payload}.{_b64(_signature(key, payload))}"
 
 
-def verify_ticket(ticket: str, key: bytes, *, now: float) -> TicketClaims:
-    """The ticket's claims if ``key`` signed it and it has not expired at ``now`` (epoch seconds); else
-    ``TicketError``. The caller still checks that the claims name what is being asked for."""
+def verify_ticket(ticket: str, key: bytes, *, now: float, scope: TicketScope = "exec") -> TicketClaims:
+    """The ticket's claims if ``key`` signed it for ``scope`` and it has not expired at ``now`` (epoch seconds);
+    else ``TicketError``. The caller still checks that the claims name what is being asked for."""
     if len(ticket) > _MAX_TICKET_LENGTH:
         raise TicketError("the ticket is too long to be one the management plane issued")
     payload, separator, signature = ticket.partition(".")
@@ -144,6 +160,10 @@ def verify_ticket(ticket: str, key: bytes, *, now: float) -> TicketClaims:
         claims = TicketClaims.model_validate(json.loads(_unb64(payload)))
     except (binascii.Error, ValueError, ValidationError):
         raise TicketError("the ticket's claims are malformed") from None
+    if claims.scope != scope:
+        raise TicketError(
+            f"the ticket is for {claims.scope}, not {scope}: ask the management plane for a {scope} ticket"
+        )
     if claims.exp <= now:
         raise TicketError("the ticket expired: ask the management plane for a new one")
     return claims

@@ -12,7 +12,7 @@ from devyard.server.api.context import Context, context
 from devyard.server.api.lists import ListParams, list_params, list_response, narrow
 from devyard.server.api.responses import ERRORS, JSONResponse, resource
 from devyard.server.store import access, environments, secrets, ssh_keys
-from devyard.wire.access import EnvironmentAccess
+from devyard.wire.access import AccessRequest, EnvironmentAccess
 from devyard.wire.environments import (
     DesiredPhase,
     Environment,
@@ -120,9 +120,13 @@ async def environment_authorized_keys(environment_id: str, ctx: Context = Depend
 
 
 @router.post("/{environment_id}/access", response_model=EnvironmentAccess)
-async def environment_access(environment_id: str, ctx: Context = Depends(context)) -> Any:
-    """A short-lived ticket to exec in the running environment through its runner's gateway."""
+async def environment_access(
+    environment_id: str, body: AccessRequest | None = None, ctx: Context = Depends(context)
+) -> Any:
+    """A short-lived ticket to exec in the running environment through its runner's gateway, or (scope ``port``)
+    to reach its ports through its runner's port proxy."""
+    scope = body.scope if body is not None else "exec"
     answer = await ctx.transact(
-        lambda tx: access.issue(tx, ctx.principal, environment_id, ctx.state.secrets, now=time.time())
+        lambda tx: access.issue(tx, ctx.principal, environment_id, ctx.state.secrets, now=time.time(), scope=scope)
     )
     return JSONResponse(answer.model_dump(mode="json"))

@@ -19,13 +19,23 @@ from devyard.server.auth import Principal
 from devyard.server.state import SecretBox
 from devyard.server.store import resources
 from devyard.server.store.errors import Conflict, Forbidden
-from devyard.wire.access import EnvironmentAccess, GatewayKey, TicketClaims, encode_key, sign_ticket
+from devyard.wire.access import (
+    EnvironmentAccess,
+    GatewayKey,
+    TicketClaims,
+    TicketScope,
+    encode_key,
+    sign_ticket,
+)
 from devyard.wire.environments import EnvironmentPhase
 
-__all__ = ["TICKET_TTL", "gateway_key", "issue", "runner_gateway_key"]
+__all__ = ["PORT_TICKET_TTL", "TICKET_TTL", "gateway_key", "issue", "runner_gateway_key"]
 
 #: Seconds a ticket is good for: long enough to open a connection, short enough that a leaked one is stale.
 TICKET_TTL: Final = 60
+#: Seconds a port ticket is good for: a browser trades it for the proxy's session at once, but ``curl`` and scripts
+#: present it on every request, as many times as they like, until then.
+PORT_TICKET_TTL: Final = 600
 
 
 def runner_gateway_key(box: SecretBox, runner_id: str) -> bytes:
@@ -33,13 +43,23 @@ def runner_gateway_key(box: SecretBox, runner_id: str) -> bytes:
 
 
 async def issue(
-    tx: resources.Tx, principal: Principal, environment_id: str, box: SecretBox, *, now: float
+    tx: resources.Tx,
+    principal: Principal,
+    environment_id: str,
+    box: SecretBox,
+    *,
+    now: float,
+    scope: TicketScope = "exec",
 ) -> EnvironmentAccess:
     """A ticket to exec in the environment, for a user who may change it, when it runs on a runner with a
-    gateway; ``Conflict`` otherwise. Audited as ``environment.access``."""
-    row = await policy.changeable(tx.session, principal, "Environment", environment_id)
-    if principal.is_runner:  # changeable() already refuses runners; a ticket names a user
+    gateway; or (``scope="port"``) to reach its ports through the runner's port proxy, for a user who may see it
+    (the proxy then applies each port's admission). ``Conflict`` otherwise. Audited as ``environment.access``."""
+    if principal.is_runner:  # a ticket names a user
         raise Forbidden("a runner may not ask for access to an environment")
+    if scope == "port":
+        row = await policy.visible(tx.session, principal, "Environment", environment_id)
+    else:
+        row = await policy.changeable(tx.session, principal, "Environment", environment_id)
     phase = row.status.get("phase") or EnvironmentPhase.PENDING.value
     if phase != EnvironmentPhase.RUNNING.value:
         raise Conflict(f"environment {row.name} ({row.id}) is {phase}, not running: start it first")
@@ -48,24 +68,28 @@ async def issue(
     runner = await resources.get(tx.session, "Runner", row.runner_id)
     gateway = (runner.status.get("gateway") or {}) if runner is not None else {}
     url = gateway.get("http_url")
-    if runner is None or not url:
+    if runner is not None and scope == "port":
+        url = url or ""  # the ports' own URLs are in the environment's status.ports
+    elif runner is None or not url:
         raise Conflict(
             f"runner {runner.name if runner else row.runner_id} of environment {row.id} reports no gateway: "
             "it may be starting, or too old to offer one"
         )
-    expires = int(now) + TICKET_TTL
+    assert runner is not None and url is not None
+    expires = int(now) + (PORT_TICKET_TTL if scope == "port" else TICKET_TTL)
     claims = TicketClaims(
         environment_id=row.id,
         user_id=principal.id,
         runner_id=runner.id,
-        scope="exec",
+        scope=scope,
+        organization_id=row.organization_id if scope == "port" else None,
         exp=expires,
         nonce=random_secrets.token_urlsafe(12),
     )
     ticket = sign_ticket(claims, runner_gateway_key(box, runner.id))
     expires_at = datetime.fromtimestamp(expires, UTC)
-    tx.audit("access", row, {"scope": "exec", "runner_id": runner.id, "expires_at": expires_at.isoformat()})
-    return EnvironmentAccess(gateway_url=url, environment_id=row.id, ticket=ticket, expires_at=expires_at)
+    tx.audit("access", row, {"scope": scope, "runner_id": runner.id, "expires_at": expires_at.isoformat()})
+    return EnvironmentAccess(gateway_url=url, environment_id=row.id, ticket=ticket, expires_at=expires_at, scope=scope)
 
 
 async def gateway_key(session: AsyncSession, principal: Principal, runner_id: str, box: SecretBox) -> GatewayKey:

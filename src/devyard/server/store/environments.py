@@ -20,6 +20,7 @@ from devyard.server.store import resources
 from devyard.server.store.conditions import get_condition, set_condition
 from devyard.server.store.errors import Conflict, Forbidden, Invalid
 from devyard.wire.environments import (
+    Admission,
     DesiredPhase,
     EnvironmentCreate,
     EnvironmentPatch,
@@ -27,6 +28,7 @@ from devyard.wire.environments import (
     EnvironmentSpec,
     EnvironmentStatusWrite,
     GitContent,
+    PortSpec,
 )
 
 __all__ = [
@@ -74,6 +76,17 @@ async def _check_references(session: AsyncSession, principal: Principal, org: st
             raise Invalid(f"secret {secret_id} does not exist or is not yours to use")
 
 
+def _check_public_ports(organization: ResourceRow, ports: list[PortSpec]) -> None:
+    """Refuse ports shared with everyone when the organization's policy does not allow public ports."""
+    public = [entry.port for entry in ports if entry.admission is Admission.EVERYONE]
+    if public and not organization.spec.get("policy", {}).get("allow_public_ports", True):
+        listed = ", ".join(map(str, public))
+        raise Forbidden(
+            f"organization {organization.name} does not allow public ports (policy allow_public_ports: false): "
+            f"share port {listed} with admission 'organization' or 'owner' instead of 'everyone'"
+        )
+
+
 async def create(tx: resources.Tx, principal: Principal, body: EnvironmentCreate) -> ResourceRow:
     row, _ = await prepare_create(tx.session, principal, body)
     tx.create(row)
@@ -93,6 +106,7 @@ async def prepare_create(
     if spec.desired_phase == DesiredPhase.DELETED:
         raise Invalid("a new environment cannot have desired_phase 'deleted'")
     organization = await resources.require(session, "Organization", org_id)
+    _check_public_ports(organization, spec.ports)
     if spec.project_id is not None:
         project = await resources.get(session, "Project", spec.project_id)
         if project is not None and project.organization_id == org_id:
@@ -155,6 +169,9 @@ async def patch(tx: resources.Tx, principal: Principal, env_id: str, body: Envir
     changes_class = body.spec is not None and body.spec.class_id not in (None, row.spec.get("class_id"))
     if changes_class and row.runner_id is not None:
         raise Invalid("the class of an environment that has a runner cannot change")
+    if body.spec is not None and body.spec.ports is not None:
+        organization = await resources.require(tx.session, "Organization", row.organization_id or "")
+        _check_public_ports(organization, body.spec.ports)
     spec_changed = resources.merge_spec(row, body.spec, EnvironmentSpec)
     retry = (
         not spec_changed
