@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import click
 
-from devyard.cli import _render, logs, ssh
+from devyard.cli import _render, logs, ports, ssh
 from devyard.cli._invocation import Invocation, api_command
 from devyard.cli._param_types import DURATION, KEY_VALUE
 
@@ -564,4 +564,5 @@ def _summary(data: dict[str, Any], template: str) -> RenderableType:
 env.add_command(logs.logs)
 env.add_command(ssh.ssh)
 env.add_command(ssh.ssh_config)
+env.add_command(ports.port)
 env.add_command(ssh.open_environment)

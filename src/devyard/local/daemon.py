@@ -118,6 +118,9 @@ async def _serve(state: StateDir, port: int, runtime: str) -> int:
             default_image=LOCAL_IMAGE,
             desktop=True,
             ssh_listen="127.0.0.1:0",
+            # Ports at http://PORT-ID.localhost:P/: browsers and curl resolve *.localhost to the loopback.
+            ports_listen="127.0.0.1:0",
+            ports_domain="localhost",
         )
         async with AsyncClient(url, admin_token) as client:
             runner_id, exchange_token = await _ensure_runner(client, runner_settings.credential_path())
