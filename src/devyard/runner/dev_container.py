@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: Where a workspace is mounted when devcontainer.json does not say (the spec's default).
 _WORKSPACES: Final = PurePosixPath("/workspaces")
+#: Builds (Dockerfiles, Features) the image store keeps beyond those environments hold.
+_KEPT_BUILDS: Final = 32
 #: The volume that holds the user's dotfiles repository as fetched.
 _DOTFILES_VOLUME: Final = "dotfiles"
 
@@ -98,6 +100,8 @@ class DevContainers:
         self.network = network
         #: Seconds the last resolve of each environment spent getting its image, until ``prepare`` reports it.
         self._pulled: dict[str, float] = {}
+        #: Tasks that outlive the call that started them (pruning the build cache).
+        self._background: set[asyncio.Task[None]] = set()
 
     def directory(self, environment_id: str) -> Path:
         """The runner's own files of the environment (never visible inside it)."""
@@ -321,7 +325,23 @@ class DevContainers:
                 network_namespace=network_namespace,
             )
         build_log.line(f"built {built.reference}{' (cached)' if built.cached else ''}")
+        if not built.cached:
+            # The build cache stays bounded: older builds no environment holds go, in the background (collecting
+            # waits for running pulls).
+            pruning = asyncio.create_task(self._prune_builds(), name="prune-builds")
+            self._background.add(pruning)
+            pruning.add_done_callback(self._background.discard)
         return built.reference
+
+    async def _prune_builds(self) -> None:
+        assert self.images is not None
+        try:
+            pruned = await self.images.prune(builder.BUILD_REPOSITORY, keep=_KEPT_BUILDS)
+        except (RunnerError, OSError) as exc:
+            log.warning("cannot prune the build cache: %s", exc)
+            return
+        if pruned:
+            log.info("pruned %d old builds from the image store: %s", len(pruned), ", ".join(pruned))
 
     async def _install_features(
         self, key: str, config: DevContainerConfig, image: str, base: ContainerSpec, build_log: _BuildLog

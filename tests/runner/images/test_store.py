@@ -186,3 +186,26 @@ async def test_the_local_debian_image_is_built_once_on_first_use(
     assert len(calls.read_text().splitlines()) == 1
     with pytest.raises(PermanentError, match="never pulled"):
         await store.prepare("devyard.local/debian:hamm", holder="env_a")  # not a suite it builds
+
+
+async def test_prune_keeps_the_newest_builds_and_those_held(store: ImageStore, tmp_path: Path) -> None:
+    references = []
+    for index in range(4):
+        tarball = tmp_path / f"rootfs-{index}.tar.gz"
+        tarball.write_bytes(tar_layer([Entry("marker", data=str(index).encode())]))
+        reference = f"devyard.local/build:{index}"
+        await store.import_archive(tarball, reference)
+        references.append(reference)
+        await asyncio.sleep(0.01)  # created times apart
+    other = tmp_path / "other.tar.gz"
+    other.write_bytes(tar_layer([Entry("marker", data=b"not a build")]))
+    await store.import_archive(other, "devyard.local/debian:old")
+    await store.prepare(references[0], holder="env_a")
+
+    assert sorted(await store.prune("devyard.local/build", keep=2)) == [references[1]]
+    kept = {reference for stored in store.images() for reference in stored.references}
+    assert kept == {references[0], references[2], references[3], "devyard.local/debian:old"}
+    assert len(store.images()) == 4, "the pruned image's files went with its name"
+    await store.release("env_a")
+    assert await store.prune("devyard.local/build", keep=2) == [references[0]]
+    assert await store.prune("devyard.local/build", keep=2) == []

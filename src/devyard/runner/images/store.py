@@ -491,6 +491,28 @@ class ImageStore:
             await self.gc()
         return removing
 
+    async def prune(self, repository: str, *, keep: int) -> list[str]:
+        """Forget the names under ``repository`` (``devyard.local/build``: the build cache) of all but the ``keep``
+        newest images, sparing those environments hold, then collect what nothing keeps; the names forgotten. A
+        build whose image was pruned simply runs again."""
+        prefix = f"{repository}:"
+        with self._write() as database:
+            named = [
+                (str(reference), str(digest))
+                for reference, digest in database.execute(
+                    "SELECT names.reference, names.digest FROM names JOIN images ON images.digest = names.digest "
+                    "ORDER BY images.created DESC, names.reference"
+                )
+                if str(reference).startswith(prefix)
+            ]
+            held = {str(row[0]) for row in database.execute("SELECT digest FROM holders")}
+            newest = {digest for _, digest in named[:keep]}
+            doomed = [reference for reference, digest in named if digest not in newest and digest not in held]
+            database.executemany("DELETE FROM names WHERE reference = ?", [(each,) for each in doomed])
+        if doomed:
+            await self.gc()
+        return doomed
+
     async def gc(self) -> GarbageReport:
         """Delete images neither named nor held, then blobs and layers no remaining image uses, and what crashed
         pulls and imports left behind. Waits for running pulls to finish (they hold the store lock)."""
