@@ -15,7 +15,7 @@ import pytest
 from devyard.runner.activity import Activity
 from devyard.runner.fake_runtime import FakeRuntime
 from devyard.runner.ports import Identity, PortAccess, PortProxy, TokenRefused
-from devyard.runner.runtime import ContainerSpec, ExecRequest, Runtime
+from devyard.runner.runtime import ContainerSpec, ExecProcess, ExecRequest, Runtime
 from devyard.wire.environments import Environment
 
 APP = Path(__file__).with_name("app.py")
@@ -52,12 +52,12 @@ def environment(
     )
 
 
-async def start_app(runtime: Runtime, environment_id: str) -> tuple[int, int]:
-    """Run the test application inside; its HTTP and WebSocket ports."""
+async def start_app(runtime: Runtime, environment_id: str) -> tuple[ExecProcess, int, int]:
+    """Run the test application inside: the process, its HTTP and its WebSocket port."""
     process = await runtime.open_exec(environment_id, ExecRequest(argv=[sys.executable, str(APP)]))
     line = await asyncio.wait_for(process.stdout.readline(), 20)
     http, websocket = map(int, line.split())
-    return http, websocket
+    return process, http, websocket
 
 
 @dataclass
@@ -84,7 +84,7 @@ async def make_world(tmp_path: Path, **proxy_options: Any) -> AsyncIterator[Prox
     }
     await runtime.create(ContainerSpec(environment_id="env_01app", image="debian"))
     await runtime.start("env_01app")
-    http, websocket = await start_app(runtime, "env_01app")
+    app, http, websocket = await start_app(runtime, "env_01app")
     world_box: list[ProxyWorld] = []
 
     async def whoami(token: str) -> Identity:
@@ -106,7 +106,8 @@ async def make_world(tmp_path: Path, **proxy_options: Any) -> AsyncIterator[Prox
         yield world
     finally:
         await proxy.close()
-        await runtime.close()
+        await runtime.close()  # kills the application
+        await asyncio.wait_for(app.wait(), 20)
 
 
 @pytest.fixture
