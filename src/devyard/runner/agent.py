@@ -295,7 +295,7 @@ class Agent:
                     activity=self.activity,
                 )
                 # Running environments report where to reach them by SSH: look at them again once it listens.
-                serving = self.ssh_gateway.serve(on_listening=self._queue_known)
+                serving = self.ssh_gateway.serve(on_listening=self._listener_ready)
                 loops.append(self._spawn(serving, "runner-ssh-gateway"))
             self._started.set()
             await _until_one_fails(loops)
@@ -345,6 +345,12 @@ class Agent:
             log.exception("cannot list the runtime's containers; reconciling the known environments only")
         for key in sorted(wanted):
             self.queue.add(key)
+
+    def _listener_ready(self) -> None:
+        """A gateway listener (SSH, port proxy) got its port: the heartbeat reports it, and the running
+        environments report how to reach them."""
+        self._report_soon.set()
+        self._queue_known()
 
     def _queue_known(self) -> None:
         """Queue every environment the informer knows."""
@@ -418,7 +424,7 @@ class Agent:
         self.port_proxy = proxy
         try:
             # Running environments report their ports' URLs: look at them again once it listens.
-            await proxy.serve(on_listening=self._queue_known)
+            await proxy.serve(on_listening=self._listener_ready)
         finally:
             self.port_proxy = None
 
@@ -487,12 +493,14 @@ class Agent:
 
     def _gateway_endpoint(self) -> GatewayEndpoint | None:
         ssh = self.ssh_endpoint()
-        if self.gateway is None and ssh is None:
+        ports_url = self.port_proxy.base_url if self.port_proxy is not None else None
+        if self.gateway is None and ssh is None and ports_url is None:
             return None
         return GatewayEndpoint(
             http_url=self.gateway.url if self.gateway is not None else None,
             ssh_host=ssh[0] if ssh else None,
             ssh_port=ssh[1] if ssh else None,
+            ports_url=ports_url,
         )
 
     def ssh_endpoint(self) -> tuple[str, int] | None:

@@ -36,7 +36,7 @@ from devyard.devcontainer.config import Mount as DevContainerMount
 from devyard.devcontainer.errors import ConfigError
 from devyard.devcontainer.features import ResolvedFeature, metadata_entry, resolve_features, write_build_context
 from devyard.devcontainer.image_metadata import MergedConfig
-from devyard.runner import dotfiles, lifecycle
+from devyard.runner import dotfiles, lifecycle, port_detection
 from devyard.runner.atomic_file import write_atomically
 from devyard.runner.automations.file_format import Automations, find_automations_file, load_automations
 from devyard.runner.content import fetch_content, git_credentials
@@ -132,6 +132,8 @@ class DevContainers:
             if config is None:
                 folder = str(_WORKSPACES / name)
                 build_log.line(f"no devcontainer.json: the image {base.image}")
+                self.directory(key).mkdir(parents=True, exist_ok=True)
+                port_detection.keep_declared(self.directory(key), forward_ports=(), app_ports=(), ports_attributes={})
                 spec = dataclasses.replace(base, mounts=(Mount(MountKind.WORKSPACE, folder),), workdir=folder)
                 plan = lifecycle.LifecyclePlan(cwd=folder)
             else:
@@ -247,6 +249,14 @@ class DevContainers:
         image_entries = image_metadata.parse_label(label) if label else []
         merged = image_metadata.merge(image_entries, [metadata_entry(f) for f in features], config)
         _check_host_requirements(merged, base)
+        # What status.ports says of forwarded ports and their labels, read by the reconciler at each report.
+        self.directory(key).mkdir(parents=True, exist_ok=True)
+        port_detection.keep_declared(
+            self.directory(key),
+            forward_ports=merged.forward_ports,
+            app_ports=config.app_ports,
+            ports_attributes=merged.ports_attributes,
+        )
         mounts = [_workspace_mount(config)]
         for mount in merged.mounts:
             converted = _mount(mount, build_log)

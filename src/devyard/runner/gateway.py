@@ -3,9 +3,9 @@
 The agent starts one ``Gateway`` once it has its credential and its gateway key
 (``GET /api/v1/runners/{id}/gateway-key``), and reports ``Gateway.url`` in its heartbeat
 (``status.gateway.http_url``). The management plane never connects here; users do, with a ticket from
-``POST /api/v1/environments/{id}/access`` (``devyard.wire.access``). Today the gateway serves one WebSocket
-endpoint, exec; the SSH server (and the HTTP port proxy) will be listeners of their own beside it, sharing
-``TicketCheck``-style admission and the runtime.
+``POST /api/v1/environments/{id}/access`` (``devyard.wire.access``). It serves one WebSocket endpoint, exec; the
+SSH gateway (``ssh_gateway``) and the port proxy (``ports``) are listeners of their own beside it, sharing the
+runtime and the environments' ``Activity``.
 
 Exec: ``GET /v1/environments/{id}/exec`` upgraded to a WebSocket, with ``Authorization: Bearer <ticket>``.
 Before the upgrade the ticket is checked: its signature (this runner's key), its expiry, its scope, that it

@@ -284,6 +284,11 @@ class PortProxy:
         return f"http://{host}:{self.port or self._listen_port}"
 
     @property
+    def base_url(self) -> str | None:
+        """The public base URL, once the proxy listens."""
+        return self._base if self.port is not None else None
+
+    @property
     def secure(self) -> bool:
         return self._base.startswith("https://")
 

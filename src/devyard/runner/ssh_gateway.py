@@ -21,10 +21,11 @@ the client goes away first, the command and everything it started in its session
 SIGKILL), so nothing is left running inside.
 
 SFTP (and ``scp``, which speaks SFTP) is served by a ``container_files`` worker inside the container's user and
-mount namespaces, as the remote user. Local forwarding (``ssh -L``) opens its connection from a thread inside the
-container's network namespace, so services bound to 127.0.0.1 inside are reachable. Agent forwarding (``ssh -A``)
-gives the session a socket inside the environment (``SSH_AUTH_SOCK``), owned by the session's user, relayed to the
-client's agent and removed with the session. These three need the linux runtime.
+mount namespaces, as the remote user. Local and dynamic forwarding (``ssh -L``, ``ssh -D``) connect through
+``Runtime.connect``, from inside the container's network namespace, so services bound to 127.0.0.1 inside are
+reachable. Agent forwarding (``ssh -A``) gives the session a socket inside the environment (``SSH_AUTH_SOCK``),
+owned by the session's user, relayed to the client's agent and removed with the session. SFTP and agent
+forwarding need the linux runtime.
 """
 
 from __future__ import annotations

@@ -49,6 +49,8 @@ class GatewayEndpoint(ReadModel):
     ssh_host: str | None = None
     ssh_port: int | None = None
     http_url: str | None = None
+    #: The port proxy's public base URL, once it listens (environments' ports are at ``status.ports[].url``).
+    ports_url: str | None = None
 
 
 class RunnerStatus(ReadModel):

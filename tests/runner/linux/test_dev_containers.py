@@ -175,6 +175,8 @@ def test_every_hook_form_runs_in_the_specs_order_and_a_restart_runs_only_the_sta
         },
         "postStartCommand": "echo postStart >> markers",
         "postAttachCommand": ["/bin/sh", "-c", "echo postAttach >> markers"],
+        "forwardPorts": [8080, "db:5432"],
+        "portsAttributes": {"8080": {"label": "web", "onAutoForward": "openBrowser"}},
     }
     url = publish(repositories, "hooks.git", {".devcontainer/devcontainer.json": devcontainer(config)})
     environment_id = create(admin, url)
@@ -197,7 +199,11 @@ def test_every_hook_form_runs_in_the_specs_order_and_a_restart_runs_only_the_sta
     # The workspace's file outlived the stop; only the start hooks ran again.
     assert again == [*first, "postStart", "postAttach"]
     # Editors open the folder the status names.
-    assert admin.get(f"/api/v1/environments/{environment_id}")["status"]["workspace_folder"] == "/workspaces/hooks"
+    running = admin.get(f"/api/v1/environments/{environment_id}")["status"]
+    assert running["workspace_folder"] == "/workspaces/hooks"
+    # forwardPorts (of the container itself, not another host's) with its label, before anything listens.
+    web = [(p["port"], p["label"], p["on_auto_forward"], p["listening"]) for p in running["ports"]]
+    assert web == [(8080, "web", "openBrowser", False)]
 
     def hooks_condition() -> str | None:
         conditions = {c["type"]: c["status"] for c in status(admin, environment_id)["conditions"]}

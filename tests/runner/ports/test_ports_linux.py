@@ -87,6 +87,10 @@ def test_a_service_inside_is_detected_and_served_to_those_it_is_shared_with(
             lambda: reported_port(admin, environment_id, 8080), lambda found: found is not None, what="port 8080"
         )
         assert entry["url"] == f"http://127.0.0.1:{proxy_port}/ports/{environment_id}/8080/"
+        runners = admin.get("/api/v1/runners")["items"]
+        assert f"http://127.0.0.1:{proxy_port}" in {
+            (r["status"].get("gateway") or {}).get("ports_url") for r in runners
+        }
         assert curl(entry["url"], owner_token) == (200, "inside\n")
         assert curl(entry["url"])[0] == 401
         assert curl(entry["url"], member_token)[0] == 403
