@@ -48,10 +48,13 @@ def _remove_containers(engine: DockerEngine, folder: Path) -> None:
 
 
 def _empty_caches(engine: DockerEngine) -> None:
-    images = engine.docker("images", "--all", "--quiet").split()
-    if images:
-        engine.docker("rmi", "--force", *sorted(set(images)), timeout=_TIMEOUT)
+    """Every image (the base, the intermediate ones of the classic builder, the Feature's) and the build cache.
+    ``image prune`` removes children before their parents, which one ``rmi`` of every id does not."""
+    engine.docker("image", "prune", "--all", "--force", timeout=_TIMEOUT)
     engine.docker("builder", "prune", "--all", "--force", timeout=_TIMEOUT)
+    left = engine.docker("images", "--all", "--quiet").split()
+    if left:
+        raise RuntimeError(f"docker still has images after pruning (a container uses them?): {' '.join(left)}")
 
 
 def measure_cold(engine: DockerEngine, cli: Path, folder: Path, runs: int) -> list[float]:
