@@ -170,6 +170,10 @@ def test_a_users_dotfiles_setting(cli: Cli, admin_env: dict[str, str]) -> None:
     # A new environment takes them along.
     env = cli("env", "create", "--image", "i", "-o", "json", env=admin_env).json()
     assert env["spec"]["dotfiles"]["url"] == "https://git.test/me/dotfiles.git"
+    declined = cli("env", "create", "--image", "i", "--no-dotfiles", "-o", "json", env=admin_env).json()
+    assert declined["spec"]["dotfiles"] is None
+    other = cli("env", "create", "--image", "i", "--dotfiles", "git.test/me/other", "-o", "json", env=admin_env)
+    assert other.json()["spec"]["dotfiles"]["url"] == "https://git.test/me/other"
     assert "No dotfiles" in cli("user", "dotfiles", "--clear", env=admin_env).stdout
     refused = cli("user", "dotfiles", "--clear", "--ref", "x", env=admin_env, ok=False)
     assert "--clear takes no URL" in refused.stderr

@@ -65,6 +65,19 @@ def content_from_context(context: str, ref: str | None = None) -> ContentSpec:
     return ContentSpec.model_validate(_content_json(context, ref))
 
 
+def _dotfiles_json(text: str) -> dict[str, Any]:
+    """A dotfiles repository as the API's JSON: what people paste of a git URL, or a local folder (as a
+    ``file://`` URL, which only a desktop runner fetches)."""
+    from devyard.wire import git_context
+
+    folder = Path(text).expanduser()
+    try:
+        parsed = git_context.parse_git_context(str(folder.resolve()) if folder.is_dir() else text, allow_local=True)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dotfiles") from None
+    return {"url": parsed.url, "ref": parsed.ref}
+
+
 def _content_json(context: str, ref: str | None) -> dict[str, Any]:
     """``content_from_context`` as the API's JSON, without pydantic (``env create`` must start fast). A folder
     that exists is a folder; anything else is read as what people paste of a repository (a clone URL, a
@@ -120,6 +133,12 @@ class _CreateCommand(click.Command):
 @click.option("--project", "project_ref", metavar="PROJECT", help="Project id or name.")
 @click.option("--timeout", type=DURATION, help="Stop after this long idle (e.g. 30m; 0 never); default: the org's.")
 @click.option(
+    "--dotfiles",
+    metavar="GIT_URL",
+    help="A dotfiles repository to install on the first start; default: yours (devyard user dotfiles).",
+)
+@click.option("--no-dotfiles", is_flag=True, help="Install no dotfiles, not even yours.")
+@click.option(
     "--env", "variables", type=KEY_VALUE, multiple=True, metavar="KEY=VALUE", help="Set a variable (repeatable)."
 )
 @wait_options
@@ -142,6 +161,8 @@ def create_environment(
     devcontainer_path: str | None,
     project_ref: str | None,
     timeout: float | None,
+    dotfiles: str | None,
+    no_dotfiles: bool,
     variables: tuple[tuple[str, str], ...],
     wait: bool,
     wait_timeout: float,
@@ -184,6 +205,12 @@ def create_environment(
             spec[key] = value
     if timeout is not None:
         spec["timeout"] = int(timeout)
+    if dotfiles is not None and no_dotfiles:
+        raise click.UsageError("--dotfiles and --no-dotfiles contradict each other: give one")
+    if no_dotfiles:
+        spec["dotfiles"] = None
+    elif dotfiles is not None:
+        spec["dotfiles"] = _dotfiles_json(dotfiles)
     if variables:
         spec["env"] = dict(variables)
     # Plain JSON, not the pydantic models: they cost the command a tenth of a second to import. The server
