@@ -540,6 +540,19 @@ async def test_build_context_installs_each_feature_in_order(project: Path, tmp_p
     with pytest.raises(ValueError, match="is not empty"):
         features.write_build_context(context, base_image="x", features=resolved)
 
+    # Stages to append to a Dockerfile: FROM its stage, the files from a named build context.
+    appended = features.write_build_context(
+        tmp_path / "appended", base_image="user_stage", features=resolved, content_from="feature_files"
+    ).read_text()
+    assert appended.splitlines()[:5] == [
+        "FROM user_stage",
+        "USER root",
+        "COPY --chown=0:0 --from=feature_files users.sh /tmp/devyard-features/users.sh",
+        'ENV A_HOME="/opt/a"',
+        "COPY --chown=0:0 --from=feature_files 1-a/ /tmp/devyard-features/1-a/",
+    ]
+    assert (tmp_path / "appended" / "features" / "2-b" / "extra.txt").read_text() == "kept"
+
     (project / "a" / "install.sh").unlink()
     with pytest.raises(ConfigError, match=re.escape("has no install.sh")):
         features.write_build_context(tmp_path / "other", base_image="x", features=resolved)

@@ -872,9 +872,14 @@ def write_build_context(
     container_user_home: str = "",
     remote_user_home: str = "",
     image_user: str = "",
+    content_from: str = "",
 ) -> Path:
     """Write into ``directory`` (made, or empty) a ``Dockerfile`` and the files that install ``features``, in
     the order given, on ``base_image``; returns the Dockerfile's path.
+
+    ``content_from``: the Dockerfile copies the files from the named build context of that name, which must be
+    ``directory / "features"`` (``base_image`` may then be a stage of a Dockerfile these stages are appended
+    to, as the reference CLI appends its Features to a user's Dockerfile); else from the context ``directory``.
 
     Each Feature's files are copied to ``/tmp/devyard-features/N-ID`` with its options in
     ``devcontainer-features.env``; its ``containerEnv`` becomes ``ENV`` (seen by it and every later Feature);
@@ -907,7 +912,11 @@ def write_build_context(
             remote_home=_shell_quote(remote_user_home) if remote_user_home else '"$(_home_of "$_REMOTE_USER")"',
         )
     )
-    lines.append(f"COPY --chown=0:0 features/users.sh {_IN_IMAGE}/users.sh")
+    if content_from:
+        _one_line(content_from, "build context name")
+    source = f"--from={content_from} " if content_from else ""
+    prefix = "" if content_from else "features/"
+    lines.append(f"COPY --chown=0:0 {source}{prefix}users.sh {_IN_IMAGE}/users.sh")
     for number, feature in enumerate(features, start=1):
         name = f"{number}-{re.sub(r'[^A-Za-z0-9._-]', '_', feature.definition.id)}"
         target = context_features / name
@@ -922,7 +931,7 @@ def write_build_context(
             if not _ENV_NAME.match(key):
                 raise _error(feature.definition.source, f"containerEnv: {key!r} is not an environment variable name")
             lines.append(f"ENV {key}={_dockerfile_value(_one_line(value, 'containerEnv value'))}")
-        lines.append(f"COPY --chown=0:0 features/{name}/ {_IN_IMAGE}/{name}/")
+        lines.append(f"COPY --chown=0:0 {source}{prefix}{name}/ {_IN_IMAGE}/{name}/")
         lines.append(
             f"RUN cd {_IN_IMAGE}/{name} && set -a && . {_IN_IMAGE}/users.sh && . ./{_ENV_FILE} && set +a "
             "&& chmod +x ./install.sh && ./install.sh"

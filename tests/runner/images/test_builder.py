@@ -228,6 +228,58 @@ async def test_refused_options_and_a_missing_buildah_are_clear_errors(
         await builder.build(store, builds, BuildSpec(context_with(tmp_path, "FROM scratch\n"), context / "Dockerfile"))
 
 
+async def test_cached_answers_none_before_a_build_and_with_no_cache_and_the_built_image_after_one(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = context_with(tmp_path, f"FROM {busybox_image}\nRUN echo cached > /cached\n")
+    spec = BuildSpec(context, context / "Dockerfile")
+    forced = BuildSpec(context, context / "Dockerfile", options=("--no-cache",))
+    assert await builder.cached(store, spec) is None
+
+    built = await builder.build(store, builds, spec)
+    # From here on no program can run: cached only looks the key up.
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
+
+    assert await builder.cached(store, spec) == Built(built.reference, built.digest, cached=True)
+    assert await builder.cached(store, forced) is None
+    assert build_names(store) == [built.reference]
+
+
+async def test_stages_appended_to_a_dockerfile_read_a_named_context_in_one_build(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path
+) -> None:
+    """What the dev container's build does with Features: the Dockerfile's target stage named, stages after it
+    that copy from a named context, one build; the named context's files are part of the cache key."""
+    context = context_with(
+        tmp_path,
+        f"FROM {busybox_image}\nCOPY data.txt /data.txt\nFROM {busybox_image}\nRUN echo last > /last\n",
+        {"data.txt": "from the context\n"},
+    )
+    text, stage = builder.named_target((context / "Dockerfile").read_text(), "", dockerfile=context / "Dockerfile")
+    assert stage == builder.TARGET_STAGE
+    assert builder.named_target(text, "", dockerfile=context / "Dockerfile") == (text, stage)
+    first_stage = builder.named_target("FROM x AS base\nFROM base\n", "BASE", dockerfile=context / "Dockerfile")
+    assert first_stage[1] == "BASE"
+    with pytest.raises(PermanentError, match=r"Dockerfile: the build target 'nothing' is none of its stages"):
+        builder.named_target(text, "nothing", dockerfile=context / "Dockerfile")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "added.txt").write_text("from the named context\n")
+    combined = tmp_path / "combined" / "Dockerfile"
+    combined.parent.mkdir()
+    combined.write_text(f"{text}FROM {stage} AS appended\nCOPY --from=extras added.txt /added.txt\n")
+    spec = BuildSpec(context, combined, contexts={"extras": extra})
+
+    built = await builder.build(store, builds, spec)
+
+    assert await read_file(store, built.reference, "/added.txt") == "from the named context\n"
+    assert await read_file(store, built.reference, "/last") == "last\n"
+    assert await read_file(store, built.reference, "/data.txt") is None  # the first stage is not the target
+    assert (await builder.build(store, builds, spec)).cached
+    (extra / "added.txt").write_text("changed\n")
+    assert await builder.cached(store, spec) is None
+
+
 def test_the_key_follows_dockerignore_exceptions_and_the_options(tmp_path: Path) -> None:
     context = context_with(tmp_path, "FROM scratch\n", {"logs/a.log": "a", "logs/keep.log": "k", "src/x.py": "x"})
     (context / ".dockerignore").write_text("# logs\nlogs/*.log\n!logs/keep.log\n**/*.tmp\n")

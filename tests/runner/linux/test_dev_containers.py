@@ -430,3 +430,53 @@ def test_the_creators_dotfiles_are_installed_after_post_create_once_into_their_o
     assert again == [*first, "postStart"], "dotfiles are installed once, on the first start"
     assert "dotfiles: " in logs(admin, environment_id, "build")
     delete(runner_host, admin, environment_id)
+
+
+def test_a_new_runners_first_environment_builds_its_dockerfile_and_local_feature_in_one_build(
+    repositories: GitServer, registry: RegistryServer, busybox_image: str, tmp_path: Path
+) -> None:
+    """A runner that never made an environment (no dev-containers/ directory yet: commit 5feefb5) installs a
+    local Feature on a Dockerfile's image; the Feature's stages follow the Dockerfile's in one build."""
+    install = '#!/bin/sh\nset -e\necho "feature $WORD on $(cat /from-dockerfile)" > /from-feature\n'
+    local = {"id": "word", "version": "1.0.0", "options": {"word": {"type": "string", "default": "unset"}}}
+    config = {"build": {"dockerfile": "Dockerfile"}, "features": {"./features/word": {"word": "first"}}}
+    url = publish(
+        repositories,
+        "first-feature.git",
+        {
+            ".devcontainer/devcontainer.json": devcontainer(config),
+            ".devcontainer/Dockerfile": f"FROM {busybox_image}\nRUN echo dockerfile > /from-dockerfile\n",
+            ".devcontainer/features/word/devcontainer-feature.json": json.dumps(local),
+            ".devcontainer/features/word/install.sh": install,
+        },
+        executable=(".devcontainer/features/word/install.sh",),
+    )
+    token = secrets.token_hex(3)
+    base = Path(f"/var/tmp/devyard-runner-{token}")
+    base.mkdir(mode=0o711)
+    os.chmod(base, 0o711)
+    with live_server.serve_in_thread(live_server.settings_for(tmp_path / "server")) as server, server.client() as admin:
+        where = RunnerHost(
+            base=base,
+            bridge=f"dyr{token}",
+            subnet=str(unused_subnet("10.232.0.0/15", 24)),
+            registry=registry.host,
+            server_url=server.url,
+            log=tmp_path / "runner.log",
+        )
+        where.exchange_token = admin.post("/api/v1/runners", {"metadata": {"name": f"new-{token}"}})["exchange_token"]
+        try:
+            runner = where.start()
+            _wait_online(where, runner, admin)
+            assert not (where.state_dir / "dev-containers").exists()
+
+            environment_id = create(admin, url)
+            reach(where, admin, environment_id, "running")
+
+            assert inside(where, environment_id, "cat /from-feature") == "feature first on dockerfile\n"
+            build_log = wait_for(lambda: logs(admin, environment_id, "build"), lambda t: "built " in t, what="log")
+            assert len(re.findall(r"^built devyard\.local/build:", build_log, re.MULTILINE)) == 1, build_log
+            delete(where, admin, environment_id)
+            runner.stop()
+        finally:
+            where.scrub()

@@ -1,11 +1,13 @@
 """Dev container images built from a Dockerfile with buildah, and kept in the runner's image store.
 
 Called by the runner when a devcontainer.json says ``build`` instead of ``image``, and to install Features (a
-small Dockerfile on top of the base image): ``build(store, builds_root(state_dir), BuildSpec(...))`` returns
-``Built``, the stored image's reference (``devyard.local/build:<cache key>``) and whether the cache had it
-(``cached`` answers that alone, without building). The
-linux runtime then starts it like any other image of the store; its name keeps it from garbage collection until
-someone removes it. It is under ``devyard.local`` so that the store never tries to pull it from a registry.
+small Dockerfile on top of an image, or their stages appended to the user's Dockerfile, whose target stage
+``named_target`` names, reading their files from a named context: one build for both):
+``build(store, builds_root(state_dir), BuildSpec(...))`` returns ``Built``, the stored image's reference
+(``devyard.local/build:<cache key>``) and whether the cache had it (``cached`` answers that alone, without
+building). The linux runtime then starts it like any other image of the store; its name keeps it from garbage
+collection until someone removes it. It is under ``devyard.local`` so that the store never tries to pull it from
+a registry.
 
 The cache key hashes everything the result depends on: the Dockerfile, the context's files (names, types, modes,
 contents, symlink targets; without what ``.containerignore`` or ``.dockerignore`` leaves out), the build args, the
@@ -55,7 +57,7 @@ import shutil
 import signal
 import stat
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,7 @@ from devyard.runner.linux import cgroups
 __all__ = [
     "ACCEPTED_OPTIONS",
     "BUILD_REPOSITORY",
+    "TARGET_STAGE",
     "BuildFailed",
     "BuildSpec",
     "Built",
@@ -76,10 +79,13 @@ __all__ = [
     "builds_root",
     "cache_key",
     "cached",
+    "named_target",
 ]
 
 #: Where built images are named: ``devyard.local/build:<cache key>``.
 BUILD_REPOSITORY = f"{LOCAL_REGISTRY}/build"
+#: The name ``named_target`` gives the stage a Dockerfile builds when that stage has none.
+TARGET_STAGE = "devyard_dockerfile_target"
 #: The ``build.options`` of devcontainer.json that a build accepts; anything else is refused.
 ACCEPTED_OPTIONS = (
     "--no-cache",
@@ -143,6 +149,9 @@ class BuildSpec:
     target: str = ""
     #: ``build.options``: only ``ACCEPTED_OPTIONS`` pass.
     options: tuple[str, ...] = ()
+    #: Named contexts besides ``context`` (buildah's ``--build-context NAME=DIR``), which the Dockerfile reads
+    #: with ``COPY --from=NAME``: the Features' files, for a Dockerfile with Feature stages appended.
+    contexts: Mapping[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -216,8 +225,9 @@ def _parse_options(options: Sequence[str]) -> _Options:
     return _Options(tuple(labels), tuple(build_args), no_cache, no_network)
 
 
-def _instructions(text: str) -> Iterator[tuple[int, str]]:
-    """The Dockerfile's instructions with their first line number: continuations joined, comments dropped."""
+def _instructions(text: str) -> Iterator[tuple[int, int, str]]:
+    """The Dockerfile's instructions with their first and last line numbers: continuations joined, comments
+    dropped."""
     lines = text.splitlines()
     escape = "\\"
     for line in lines:
@@ -238,10 +248,10 @@ def _instructions(text: str) -> Iterator[tuple[int, str]]:
             pending.append(stripped[: -len(escape)])
             continue
         pending.append(stripped)
-        yield start, " ".join(pending)
+        yield start, number, " ".join(pending)
         pending = []
     if pending:
-        yield start, " ".join(pending)
+        yield start, len(lines), " ".join(pending)
 
 
 _VARIABLE = re.compile(r"\$(?:\{(\w+)(?::([-+])([^}]*))?\}|(\w+))")
@@ -259,10 +269,11 @@ def _substitute(text: str, values: Mapping[str, str]) -> str:
     return _VARIABLE.sub(replace, text)
 
 
-def _base_images(text: str, args: Mapping[str, str], dockerfile: Path) -> list[_Base]:
-    """The images the Dockerfile starts from or copies from (not its own stages, not ``scratch``)."""
+def _base_images(text: str, args: Mapping[str, str], dockerfile: Path, contexts: Collection[str] = ()) -> list[_Base]:
+    """The images the Dockerfile starts from or copies from (not its own stages, not its named ``contexts``, not
+    ``scratch``)."""
     global_args: dict[str, str] = {}
-    stages: set[str] = set()
+    stages: set[str] = {name.lower() for name in contexts}
     bases: list[_Base] = []
     seen_from = False
 
@@ -276,7 +287,7 @@ def _base_images(text: str, args: Mapping[str, str], dockerfile: Path) -> list[_
         if all(base.reference != reference for base in bases):
             bases.append(_Base(reference, line))
 
-    for line, instruction in _instructions(text):
+    for line, _, instruction in _instructions(text):
         keyword, _, rest = instruction.partition(" ")
         keyword = keyword.upper()
         if keyword == "ARG" and not seen_from:
@@ -303,6 +314,31 @@ def _base_images(text: str, args: Mapping[str, str], dockerfile: Path) -> list[_
                 if word.startswith("--from="):
                     add(_substitute(word.removeprefix("--from="), global_args), line)
     return bases
+
+
+def named_target(text: str, target: str, *, dockerfile: Path) -> tuple[str, str]:
+    """``text`` (the Dockerfile at ``dockerfile``) with the stage it builds named, and that name: the stage
+    ``target``, else the last one, named ``TARGET_STAGE`` when it has no name. For stages appended after the
+    Dockerfile's own, as the dev container's build appends its Features'. Raises ``PermanentError`` when
+    ``target`` names no stage."""
+    stages: list[tuple[int, str]] = []  # (last line of the FROM instruction, its stage name or "")
+    for _, last, instruction in _instructions(text):
+        keyword, _, rest = instruction.partition(" ")
+        if keyword.upper() == "FROM":
+            words = [word for word in rest.split() if not word.startswith("--")]
+            stages.append((last, words[2] if len(words) >= 3 and words[1].lower() == "as" else ""))
+    if not stages:
+        raise PermanentError(f"{dockerfile}: the Dockerfile has no FROM")
+    if target:
+        if all(name.lower() != target.lower() for _, name in stages):
+            raise PermanentError(f"{dockerfile}: the build target {target!r} is none of its stages")
+        return text, target
+    last, name = stages[-1]
+    if name:
+        return text, name
+    lines = text.splitlines()
+    lines[last - 1] = f"{lines[last - 1].rstrip()} AS {TARGET_STAGE}"
+    return "\n".join(lines) + "\n", TARGET_STAGE
 
 
 # --- the context -------------------------------------------------------------------------------------------------
@@ -414,9 +450,16 @@ def _file_digest(path: Path) -> bytes:
     return hasher.digest()
 
 
-def cache_key(spec: BuildSpec, dockerfile_text: str, context_digest: str, bases: Mapping[str, str]) -> str:
-    """The cache key of a build: ``bases`` maps each base image's reference to its digest."""
-    document = {
+def cache_key(
+    spec: BuildSpec,
+    dockerfile_text: str,
+    context_digest: str,
+    bases: Mapping[str, str],
+    contexts: Mapping[str, str] | None = None,
+) -> str:
+    """The cache key of a build: ``bases`` maps each base image's reference to its digest, ``contexts`` each
+    named context to the digest of its files."""
+    document: dict[str, object] = {
         "format": _KEY_FORMAT,
         "dockerfile": hashlib.sha256(dockerfile_text.encode()).hexdigest(),
         "context": context_digest,
@@ -425,6 +468,8 @@ def cache_key(spec: BuildSpec, dockerfile_text: str, context_digest: str, bases:
         "options": list(spec.options),
         "bases": sorted(bases.items()),
     }
+    if contexts:  # absent rather than empty, so that the keys of builds without them stay what they were
+        document["contexts"] = sorted(contexts.items())
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
@@ -682,10 +727,17 @@ async def _keyed(store: ImageStore, spec: BuildSpec, credentials: Credentials | 
         dockerfile_text = spec.dockerfile.read_text()
     except OSError as exc:
         raise PermanentError(f"the Dockerfile {spec.dockerfile} cannot be read: {exc}") from exc
+    for name, directory in spec.contexts.items():
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name) or not directory.is_dir():
+            raise PermanentError(f"the named build context {name}={directory} is not a named directory")
     all_credentials: Credentials = {**store.credentials, **(credentials or {})}
-    bases = await _resolve(store, _base_images(dockerfile_text, args, spec.dockerfile), all_credentials)
+    named = _base_images(dockerfile_text, args, spec.dockerfile, spec.contexts)
+    bases = await _resolve(store, named, all_credentials)
     context_digest = await asyncio.to_thread(_context_digest, spec.context)
-    key = cache_key(spec, dockerfile_text, context_digest, {str(base.reference): base.digest for base in bases})
+    contexts = {name: await asyncio.to_thread(_context_digest, directory) for name, directory in spec.contexts.items()}
+    key = cache_key(
+        spec, dockerfile_text, context_digest, {str(base.reference): base.digest for base in bases}, contexts
+    )
     return _Keyed(options, args, bases, all_credentials, key, f"{BUILD_REPOSITORY}:{key}")
 
 
@@ -789,6 +841,8 @@ async def _build(
         arguments += ["--build-arg", f"{key}={value}"]
     for label in options.labels:
         arguments += ["--label", label]
+    for context_name, directory in sorted(spec.contexts.items()):
+        arguments += ["--build-context", f"{context_name}={directory}"]
     code, _ = await run.run(*arguments, str(spec.context))
     if code != 0:
         where = f"the step {run.step!r}" if run.step else "before its first step"
