@@ -280,6 +280,46 @@ async def test_stages_appended_to_a_dockerfile_read_a_named_context_in_one_build
     assert await builder.cached(store, spec) is None
 
 
+async def test_the_store_has_the_base_and_shares_its_layer_with_the_build(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path
+) -> None:
+    """The store pulls a remote base while buildah does: the built image's base layer is the base's own
+    directory (unpacked once), and the base stays in the store under its digest."""
+    context = context_with(tmp_path, f"FROM {busybox_image}\nRUN echo shared > /shared\n")
+    lines: list[str] = []
+
+    built = await builder.build(store, builds, BuildSpec(context, context / "Dockerfile"), output=lines.append)
+
+    (base,) = [image for image in store.images() if any("@sha256:" in name for name in image.references)]
+    assert base.references[0].startswith(busybox_image.rsplit(":", 1)[0] + "@sha256:")
+    base_layers = (await store.prepare(base.references[0], holder="test-base")).image.layers
+    built_layers = (await store.prepare(built.reference, holder="test-built")).image.layers
+    assert built_layers[: len(base_layers)] == base_layers
+    assert len(list(store.layers.iterdir())) == len(built_layers)  # nothing unpacked twice
+    assert any(line.startswith("the image store imported the image") for line in lines)
+
+
+async def test_a_handed_over_layout_is_linked_into_the_store_and_known_blobs_are_not_read(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    """How the builder's result is imported (``hand_over``): its files become the store's blobs without a copy;
+    a plain import copies; a blob the store has is never read again (here: made unreadable)."""
+    handed = images_support.busybox_layout(tmp_path / "handed")
+    copied = images_support.busybox_layout(tmp_path / "copied")
+    layer = max((handed / "blobs" / "sha256").iterdir(), key=lambda path: path.stat().st_size)
+
+    await store.import_archive(copied, "devyard.local/test/copied:1")
+    assert (store.blobs / layer.name).stat().st_ino != (copied / "blobs" / "sha256" / layer.name).stat().st_ino
+    (store.blobs / layer.name).unlink()  # so that the hand-over below brings it again
+    await store.import_archive(handed, "devyard.local/test/handed:1", hand_over=True)
+    assert (store.blobs / layer.name).stat().st_ino == layer.stat().st_ino
+
+    again = images_support.busybox_layout(tmp_path / "again")
+    (again / "blobs" / "sha256" / layer.name).write_bytes(b"not read")
+    image = await store.import_archive(again, "devyard.local/test/again:1")
+    assert image.digest == store.lookup("devyard.local/test/handed:1")
+
+
 def test_the_key_follows_dockerignore_exceptions_and_the_options(tmp_path: Path) -> None:
     context = context_with(tmp_path, "FROM scratch\n", {"logs/a.log": "a", "logs/keep.log": "k", "src/x.py": "x"})
     (context / ".dockerignore").write_text("# logs\nlogs/*.log\n!logs/keep.log\n**/*.tmp\n")

@@ -21,10 +21,14 @@ Layout under ``root`` (``<state_dir>/builds``)::
     work/<key>/    one build: buildah's storage (root, runroot), its TMPDIR, a private registries.conf (the
                    runner's insecure registries, plain http only for those), policy.json, storage.conf, the
                    authfile (while the base images are pulled, then removed), the base images handed over from
-                   the store (OCI layouts) and the result (an OCI layout, imported into the store)
+                   the store (OCI layouts) and the result (``pushed``: uncompressed, as buildah writes a dir:
+                   destination; ``result``: the same blobs moved into an OCI layout, handed over to the store)
 
 buildah's storage is never /var/lib/containers, the host's /etc/containers settings do not apply, and no build
-shares another's storage (so base images are fetched again by each build that misses the cache). One thing
+shares another's storage (so buildah fetches base images again for each build that misses the cache). While
+buildah pulls a remote base, the store pulls it too (kept under its pinned name, as an environment's image): a
+cold build's result then arrives with its base layers unpacked already, so the Debian root of a dev container
+is written twice (buildah's storage, the store) rather than once more for each hand-over. One thing
 buildah's command line cannot move: containers/image keeps a small cache of blob digests in
 /var/lib/containers/cache as root.
 
@@ -56,12 +60,13 @@ import shlex
 import shutil
 import signal
 import stat
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devyard.runner.errors import PermanentError, TemporaryError
+from devyard.runner.errors import PermanentError, RunnerError, TemporaryError
 from devyard.runner.images.reference import LOCAL_REGISTRY, InvalidReference, Reference, parse_reference
 from devyard.runner.images.registry import Credentials, RegistryClient
 from devyard.runner.images.store import ImageStore, bootstrappable
@@ -559,6 +564,11 @@ class _Run:
             json.dump({"auths": auths}, file)
         self.driver = driver
 
+    def note(self, line: str) -> None:
+        """A line of the builder's own in the build's output (where the time went)."""
+        if self.output is not None:
+            self.output(line)
+
     def argv(self, *arguments: str) -> list[str]:
         work = self.work
         command = [
@@ -810,11 +820,57 @@ async def _build(
     name: str,
 ) -> str:
     run.prepare(sorted(store.insecure), credentials, {base.reference.registry for base in bases})
+    # The store unpacks each remote base while buildah pulls it: the result holds the base's layers (same diff
+    # ids), which the import then finds unpacked instead of unpacking them a second time, after the build.
+    storing = [
+        asyncio.ensure_future(_store_base(store, base, credentials, run.note))
+        for base in bases
+        if not base.reference.is_local
+    ]
+    try:
+        return await _build_stored(store, run, spec, options, args, bases, network_namespace, name, storing)
+    finally:
+        for task in storing:
+            task.cancel()
+        await asyncio.gather(*storing, return_exceptions=True)
+
+
+async def _store_base(store: ImageStore, base: _Base, credentials: Credentials, note: Callable[[str], None]) -> None:
+    """Pull ``base`` at its digest into the store (kept under that pinned name, like an environment's image).
+    A failure is only noted: the import of the build's result unpacks what the store lacks anyway."""
+    reference = base.reference
+    pinned = str(Reference(reference.registry, reference.repository, digest=base.digest))
+    started = time.monotonic()
+    holder = f"build-{uuid.uuid4().hex}"
+    try:
+        await store.prepare(pinned, holder=holder, credentials=credentials)
+    except (RunnerError, OSError) as exc:
+        note(f"the image store could not pull the base image {reference} ({exc}); the build's import unpacks it")
+        return
+    finally:
+        await store.release(holder)
+    note(f"the image store has the base image {reference} ({time.monotonic() - started:.1f}s)")
+
+
+async def _build_stored(
+    store: ImageStore,
+    run: _Run,
+    spec: BuildSpec,
+    options: _Options,
+    args: Mapping[str, str],
+    bases: Sequence[_Base],
+    network_namespace: Path | None,
+    name: str,
+    storing: Sequence[asyncio.Future[None]],
+) -> str:
+    started = time.monotonic()
     try:
         for index, base in enumerate(bases):
             await _bring_base(store, run, base, run.work / "bases" / str(index))
     finally:
         run.authfile.unlink(missing_ok=True)
+    based = time.monotonic()
+    run.note(f"buildah has the base images ({based - started:.1f}s)")
     network = "none" if options.no_network or network_namespace is None else f"ns:{network_namespace}"
     arguments = [
         "bud",
@@ -853,12 +909,49 @@ async def _build(
             step=run.step,
             output=tuple(run.tail),
         )
+    built = time.monotonic()
+    run.note(f"buildah built the image ({built - based:.1f}s)")
     image_id = (run.work / "iid").read_text().strip()
+    # Uncompressed, which buildah 1.28 does only for a dir: destination (an oci: one gets gzip whatever the
+    # options): the image goes no further than the store on the same disk, and gzip of the base's layer cost
+    # more than the rest of a cold build. The directory then becomes an OCI layout the store takes over.
     await run.check(
-        "push", "--signature-policy", str(run.policy), image_id, f"oci:{run.work / 'result'}", what="export the image"
+        "push",
+        "--signature-policy",
+        str(run.policy),
+        "--disable-compression",
+        "--format",
+        "oci",
+        image_id,
+        f"dir:{run.work / 'pushed'}",
+        what="export the image",
     )
-    image = await store.import_archive(run.work / "result", name)
+    await asyncio.to_thread(_layout_of_directory, run.work / "pushed", run.work / "result")
+    pushed = time.monotonic()
+    run.note(f"buildah wrote the image as an OCI layout ({pushed - built:.1f}s)")
+    await asyncio.gather(*storing)
+    waited = time.monotonic()
+    image = await store.import_archive(run.work / "result", name, hand_over=True)
+    run.note(f"the image store imported the image ({time.monotonic() - waited:.1f}s, {waited - pushed:.1f}s waiting)")
     return image.digest
+
+
+def _layout_of_directory(directory: Path, layout: Path) -> None:
+    """Turn what ``buildah push ... dir:DIRECTORY`` wrote (``manifest.json``, ``version`` and blobs named by
+    their hex digest) into an OCI image layout at ``layout``, moving the blobs."""
+    manifest = (directory / "manifest.json").read_bytes()
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for entry in directory.iterdir():
+        if re.fullmatch(r"[0-9a-f]{64}", entry.name):
+            entry.rename(blobs / entry.name)
+    digest = hashlib.sha256(manifest).hexdigest()
+    (blobs / digest).write_bytes(manifest)
+    media_type = json.loads(manifest).get("mediaType") or "application/vnd.oci.image.manifest.v1+json"
+    descriptor = {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(manifest)}
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [descriptor]}
+    (layout / "index.json").write_text(json.dumps(index))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
 
 
 async def _bring_base(store: ImageStore, run: _Run, base: _Base, layout: Path) -> None:

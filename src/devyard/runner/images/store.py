@@ -3,7 +3,8 @@
 The linux runtime uses it as its ``ImageSource`` (``prepare`` when it creates an environment, ``release`` when
 it deletes one); the ``devyard image`` commands use the rest (``pull``, ``images``, ``remove``,
 ``import_archive``, ``gc``, ``holders``), possibly while a runner uses the same store; the image builder
-(``builder``) uses ``lookup``, ``export_layout`` (a base image handed to buildah) and ``import_archive``.
+(``builder``) uses ``lookup``, ``prepare`` (a base image pulled alongside buildah's pull), ``export_layout`` (a
+base image handed to buildah) and ``import_archive`` (its result, handed over: linked, not copied).
 
 Layout under ``root``::
 
@@ -562,15 +563,20 @@ class ImageStore:
             entry.unlink(missing_ok=True)
         return blobs, layers, temporary
 
-    async def import_archive(self, path: Path, reference: str) -> Image:
+    async def import_archive(self, path: Path, reference: str, *, hand_over: bool = False) -> Image:
         """Import an OCI image layout (a directory or a tar of one), a ``docker save`` archive, or a plain root
-        filesystem tarball (as a one-layer image running ``/bin/sh``), and name it ``reference``."""
+        filesystem tarball (as a one-layer image running ``/bin/sh``), and name it ``reference``.
+
+        ``hand_over``: the caller gives the files of the layout ``path`` to the store (the builder's result,
+        removed after): they are hard-linked into the blobs where the file system allows, not copied (and still
+        hashed), so the caller must neither change nor reuse them. Blobs the store has already are never read
+        again, and layers it has unpacked already (by diff id) are not unpacked again."""
         parsed = parse_reference(reference)
         async with _flock(self.root / "store.lock", fcntl.LOCK_SH):
             scratch = self.root / f"{TEMPORARY_PREFIX}import-{secrets.token_hex(4)}"
             try:
                 with _disk_errors(self.root, f"importing {path}"):
-                    manifest = await asyncio.to_thread(self._ingest_archive, path, scratch, parsed)
+                    manifest = await asyncio.to_thread(self._ingest_archive, path, scratch, parsed, hand_over)
                     prepared = await self._complete(parsed, manifest, None, _Pull(str(parsed), None), time.monotonic())
             finally:
                 await asyncio.to_thread(shutil.rmtree, scratch, True)
@@ -807,17 +813,32 @@ class ImageStore:
 
     # --- importing ---------------------------------------------------------------------------------------------
 
-    def _ingest_file(self, source: Path, expected: str | None = None) -> tuple[str, int]:
-        """Copy ``source`` into the blobs, hashing it; returns its digest and size."""
+    def _ingest_file(self, source: Path, expected: str | None = None, *, own: bool = False) -> tuple[str, int]:
+        """Copy ``source`` into the blobs, hashing it; returns its digest and size. A blob the store has already
+        (``expected``, verified when it came) is not read again. ``own``: the file is the store's to keep, so it
+        is hard-linked when the file system allows (and hashed all the same) rather than copied."""
+        if expected is not None and (existing := self._blob(expected)).exists():
+            return expected, existing.stat().st_size
         temporary = self._temporary(self.blobs, "import")
         try:
+            linked = False
+            if own:
+                with contextlib.suppress(OSError):  # another file system, or links refused: a copy
+                    os.link(source, temporary)
+                    linked = True
             hasher = hashlib.sha256()
             size = 0
-            with source.open("rb") as reader, temporary.open("wb") as writer:
-                while chunk := reader.read(1 << 20):
-                    hasher.update(chunk)
-                    writer.write(chunk)
-                    size += len(chunk)
+            with (temporary if linked else source).open("rb") as reader:
+                writer = None if linked else temporary.open("wb")
+                try:
+                    while chunk := reader.read(1 << 20):
+                        hasher.update(chunk)
+                        if writer is not None:
+                            writer.write(chunk)
+                        size += len(chunk)
+                finally:
+                    if writer is not None:
+                        writer.close()
             digest = "sha256:" + hasher.hexdigest()
             if expected is not None and digest != expected:
                 raise PermanentError(f"{source} is {digest}, not the {expected} its manifest names")
@@ -834,13 +855,13 @@ class ImageStore:
         self._store_blob_bytes(digest, raw)
         return digest, len(raw), raw
 
-    def _ingest_archive(self, path: Path, scratch: Path, reference: Reference) -> Manifest:
+    def _ingest_archive(self, path: Path, scratch: Path, reference: Reference, hand_over: bool = False) -> Manifest:
         if not path.exists():
             raise PermanentError(f"there is no file or directory {path}")
         if path.is_dir():
             if not (path / "index.json").exists():
                 raise PermanentError(f"{path} is a directory but no OCI image layout (it has no index.json)")
-            return self._ingest_layout(path, reference)
+            return self._ingest_layout(path, reference, own=hand_over)
         try:
             with tarfile.open(path, "r:*") as archive:
                 names = {name.removeprefix("./") for name in archive.getnames()}
@@ -850,7 +871,7 @@ class ImageStore:
             ) from exc
         if "index.json" in names and "oci-layout" in names:
             self._extract(path, scratch)
-            return self._ingest_layout(scratch, reference)
+            return self._ingest_layout(scratch, reference, own=True)  # the scratch copy is the store's own
         if "manifest.json" in names:
             self._extract(path, scratch)
             return self._ingest_docker_save(scratch)
@@ -861,7 +882,7 @@ class ImageStore:
         with tarfile.open(path, "r:*") as archive:
             archive.extractall(scratch, filter="data")
 
-    def _ingest_layout(self, layout: Path, reference: Reference) -> Manifest:
+    def _ingest_layout(self, layout: Path, reference: Reference, *, own: bool = False) -> Manifest:
         context = f"the OCI layout {layout}"
         entries = json.loads((layout / "index.json").read_bytes()).get("manifests") or []
         if not entries:
@@ -886,7 +907,7 @@ class ImageStore:
             raise PermanentError(f"{context}: the manifest blob {descriptor.digest} does not match its digest")
         manifest = parse_manifest(raw, descriptor.digest, media_type, context)
         for item in (manifest.config, *manifest.layers):
-            self._ingest_file(blob(item.digest), expected=item.digest)
+            self._ingest_file(blob(item.digest), expected=item.digest, own=own)
         self._store_blob_bytes(manifest.digest, raw)
         return manifest
 
