@@ -59,12 +59,13 @@ def print_logs(invocation: Invocation, environment: str, stream: str | None, fol
     if invocation.json and not follow:
         invocation.emit({"items": backlog, "next_after": after}, lambda data: data)
         return
-    for chunk in backlog:
-        _show(invocation, printer, chunk)
-    if not follow:
-        printer.finish()
-        return
+    # ^C while the backlog prints is as quiet as during the follow: whoever saw a line may press it at once.
     try:
+        for chunk in backlog:
+            _show(invocation, printer, chunk)
+        if not follow:
+            printer.finish()
+            return
         gone = _follow(invocation, client, printer, path, stream, after)
     except KeyboardInterrupt:
         printer.finish()
