@@ -299,6 +299,25 @@ async def test_the_store_has_the_base_and_shares_its_layer_with_the_build(
     assert any(line.startswith("the image store imported the image") for line in lines)
 
 
+async def test_a_finished_builds_directory_goes_in_the_background_and_a_crashs_leftovers_with_the_next_build(
+    store: ImageStore, busybox_image: str, builds: Path, tmp_path: Path
+) -> None:
+    leftover = builds / "retired" / "killed-runner"
+    (leftover / "root").mkdir(parents=True)
+    (leftover / "root" / "file").write_text("left by a runner killed while removing it")
+    context = context_with(tmp_path, f"FROM {busybox_image}\nRUN echo retired > /retired\n")
+
+    built = await builder.build(store, builds, BuildSpec(context, context / "Dockerfile"))
+
+    assert await read_file(store, built.reference, "/retired") == "retired\n"
+    assert not leftover.exists()
+    for _ in range(600):
+        if not any((builds / "retired").iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    assert list((builds / "retired").iterdir()) == []
+
+
 async def test_a_handed_over_layout_is_linked_into_the_store_and_known_blobs_are_not_read(
     store: ImageStore, tmp_path: Path
 ) -> None:
