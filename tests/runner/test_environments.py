@@ -13,8 +13,8 @@ import pytest
 
 from devyard.client import AsyncClient
 from devyard.runner import credentials
-from devyard.runner.controller import Controller
 from devyard.runner.activity import Activity
+from devyard.runner.controller import Controller
 from devyard.runner.environments import READY, EnvironmentReconciler
 from devyard.runner.errors import PermanentError, TemporaryError
 from devyard.runner.fake_runtime import FakeRuntime

@@ -141,6 +141,7 @@ def test_an_environment_unused_past_its_timeout_is_stopped_and_one_in_use_is_not
 
     def running(timeout: int | None) -> str:
         spec: dict[str, Any] = {"image": "i"} if timeout is None else {"image": "i", "timeout": timeout}
+        runner.heartbeat()  # online: this module's runners go offline after a second of silence
         env_id: str = admin_client.post("/api/v1/environments", {"spec": spec})["metadata"]["id"]
         eventually(lambda: env_status(admin_client, env_id).get("runner_id"))
         runner.report(env_id, phase="running", observed_generation=1, last_activity_at=now())

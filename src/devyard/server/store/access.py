@@ -55,6 +55,7 @@ async def issue(
     gateway; or (``scope="port"``) to reach its ports through the runner's port proxy, for a user who may see it
     (the proxy then applies each port's admission). ``Conflict`` otherwise. Audited as ``environment.access``."""
     if principal.is_runner:  # a ticket names a user
+        await policy.visible(tx.session, principal, "Environment", environment_id)  # 404 for what it cannot see
         raise Forbidden("a runner may not ask for access to an environment")
     if scope == "port":
         row = await policy.visible(tx.session, principal, "Environment", environment_id)
