@@ -20,7 +20,7 @@ from support.world import eventually, make_user, register_runner
 @pytest.fixture
 def server_settings(database_url: str, tmp_path: Path) -> ServerSettings:
     return live_server.settings_for(
-        tmp_path / "server", database_url, heartbeat_timeout=1.0, loop_interval=0.1, idle_check_interval=0.2
+        tmp_path / "server", database_url, heartbeat_timeout=4.0, loop_interval=0.1, idle_check_interval=0.2
     )
 
 
@@ -141,7 +141,7 @@ def test_an_environment_unused_past_its_timeout_is_stopped_and_one_in_use_is_not
 
     def running(timeout: int | None) -> str:
         spec: dict[str, Any] = {"image": "i"} if timeout is None else {"image": "i", "timeout": timeout}
-        runner.heartbeat()  # online: this module's runners go offline after a second of silence
+        runner.heartbeat()  # online: this module's runners go offline after 4 s of silence
         env_id: str = admin_client.post("/api/v1/environments", {"spec": spec})["metadata"]["id"]
         eventually(lambda: env_status(admin_client, env_id).get("runner_id"))
         runner.report(env_id, phase="running", observed_generation=1, last_activity_at=now())
