@@ -398,7 +398,16 @@ class DevContainers:
             else:
                 dockerfile = write_build_context(context, base_image=image, features=resolved, **users)
                 spec = BuildSpec(context=dockerfile.parent, dockerfile=dockerfile)
-            built = await self._build(key, spec, base, build_log)
+            try:
+                built = await self._build(key, spec, base, build_log)
+            except PermanentError as exc:
+                if not isinstance(image, BuildSpec):
+                    raise
+                # The user's Dockerfile, not the scratch copy (its lines are the same: stages only follow them).
+                shown = str(exc).replace(str(dockerfile), f"{image.dockerfile} (with the Features' stages after it)")
+                if isinstance(exc, builder.BuildFailed):
+                    raise builder.BuildFailed(shown, step=exc.step, output=exc.output) from exc
+                raise PermanentError(shown) from exc
         return built, resolved
 
     @contextlib.asynccontextmanager
