@@ -45,17 +45,6 @@ def pytest_configure(config: pytest.Config) -> None:
             del os.environ[name]
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With pytest-xdist (``scripts/test`` runs two workers, ``--dist loadgroup``), a module's tests stay together
-    on one worker, as they share module fixtures (servers, runners), and ``tests/bench``'s all together: each
-    benchmark checks the host for what its kind leaves behind, which another one running meanwhile would be."""
-    for item in items:
-        relative = item.path.relative_to(config.rootpath)
-        group = "tests/bench" if relative.parts[:2] == ("tests", "bench") else str(relative)
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "database_kind" in metafunc.fixturenames:
         metafunc.parametrize("database_kind", databases.params(metafunc.config))

@@ -146,6 +146,16 @@ def logs(admin: Client, environment_id: str, stream: str) -> str:
             return "".join(text)
 
 
+def whole_build_log(admin: Client, environment_id: str) -> str:
+    """The build log once it is complete: the resolve's last line (``dev container ...``) follows every build's."""
+    found: str = wait_for(
+        lambda: logs(admin, environment_id, "build"),
+        lambda text: re.search(r"^dev container ", text, re.MULTILINE) is not None,
+        what="the whole build log",
+    )
+    return found
+
+
 def set_phase(admin: Client, environment_id: str, desired: str) -> None:
     admin.patch(f"/api/v1/environments/{environment_id}", {"spec": {"desired_phase": desired}})
 
@@ -235,13 +245,13 @@ def test_a_dockerfile_build_is_what_runs_and_a_second_environment_hits_the_cache
     first = create(admin, url)
     reach(runner_host, admin, first, "running")
     assert inside(runner_host, first, "cat /built.txt /hello.txt") == "built with an argument\nfrom the context\n"
-    first_log = wait_for(lambda: logs(admin, first, "build"), lambda t: "built " in t, what="the build log")
+    first_log = whole_build_log(admin, first)
     assert "(cached)" not in first_log, first_log
 
     second = create(admin, url)
     reach(runner_host, admin, second, "running")
     assert inside(runner_host, second, "cat /built.txt") == "built with an argument\n"
-    second_log = wait_for(lambda: logs(admin, second, "build"), lambda t: "built " in t, what="the build log")
+    second_log = whole_build_log(admin, second)
     assert re.search(r"^built \S+ \(cached\)$", second_log, re.MULTILINE), second_log
     delete(runner_host, admin, first)
     delete(runner_host, admin, second)
@@ -474,7 +484,7 @@ def test_a_new_runners_first_environment_builds_its_dockerfile_and_local_feature
             reach(where, admin, environment_id, "running")
 
             assert inside(where, environment_id, "cat /from-feature") == "feature first on dockerfile\n"
-            build_log = wait_for(lambda: logs(admin, environment_id, "build"), lambda t: "built " in t, what="log")
+            build_log = whole_build_log(admin, environment_id)
             assert len(re.findall(r"^built devyard\.local/build:", build_log, re.MULTILINE)) == 1, build_log
             delete(where, admin, environment_id)
             runner.stop()
