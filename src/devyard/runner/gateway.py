@@ -42,7 +42,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -57,7 +57,7 @@ from devyard.runner.runtime import ExecProcess, ExecRequest, Runtime
 from devyard.wire.access import ExecStart, TicketClaims, TicketError, verify_ticket
 from devyard.wire.environments import Environment
 
-__all__ = ["STDERR", "STDIN", "STDOUT", "Gateway", "TicketCheck", "gateway_url", "parse_listen"]
+__all__ = ["STDERR", "STDIN", "STDOUT", "Gateway", "TicketCheck", "gateway_url", "parse_listen", "serve_listener"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,32 @@ def gateway_url(configured: str | None, host: str, port: int, hostname: str) -> 
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
+
+
+async def serve_listener(
+    start: Callable[[], Awaitable[None]],
+    close: Callable[[], Awaitable[None]],
+    *,
+    what: str,
+    retry_delay: float,
+    on_listening: Callable[[], None] | None,
+) -> None:
+    """Listen with ``start`` (retrying, loudly, an address that cannot be bound: ``OSError``), call
+    ``on_listening`` once it listens, and serve until cancelled; then ``close``. ``what`` names the listener and its
+    address in the log."""
+    while True:
+        try:
+            await start()
+            if on_listening is not None:
+                on_listening()
+            break
+        except OSError as exc:
+            log.error("the %s cannot listen, retrying: %s", what, exc)
+        await asyncio.sleep(retry_delay)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await close()
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ from typing import Final
 
 from devyard.runner.activity import Activity
 from devyard.runner.errors import RunnerError
-from devyard.runner.gateway import parse_listen
+from devyard.runner.gateway import gateway_url, parse_listen, serve_listener
 from devyard.runner.runtime import Runtime
 from devyard.wire.access import TicketError, verify_ticket
 from devyard.wire.environments import Admission, Environment, EnvironmentPhase, PortProtocol
@@ -255,33 +255,15 @@ class PortProxy:
 
     async def serve(self, *, retry_delay: float = 5.0, on_listening: Callable[[], None] | None = None) -> None:
         """Listen (retrying an address that cannot be bound, loudly) and serve until cancelled."""
-        while True:
-            try:
-                await self.start()
-                if on_listening is not None:
-                    on_listening()
-                break
-            except OSError as exc:
-                log.error("the port proxy cannot listen on %s:%d, retrying: %s", self._host, self._listen_port, exc)
-            await asyncio.sleep(retry_delay)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.close()
+        what = f"port proxy on {self._host}:{self._listen_port}"
+        await serve_listener(self.start, self.close, what=what, retry_delay=retry_delay, on_listening=on_listening)
 
     # URLs.
 
     @property
     def _base(self) -> str:
         """The public base URL: the configured one, else the listening address."""
-        if self._configured_url:
-            return self._configured_url
-        host = self._host
-        if host in ("0.0.0.0", "::", ""):
-            host = self._hostname
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port or self._listen_port}"
+        return gateway_url(self._configured_url, self._host, self.port or self._listen_port, self._hostname)
 
     @property
     def base_url(self) -> str | None:

@@ -49,7 +49,7 @@ from devyard.client import ApiError, AsyncClient, TransportError
 from devyard.runner import container_files
 from devyard.runner.activity import Activity
 from devyard.runner.errors import RunnerError
-from devyard.runner.gateway import parse_listen
+from devyard.runner.gateway import parse_listen, serve_listener
 from devyard.runner.host_process import start_host_process
 from devyard.runner.runtime import ExecProcess, ExecRequest, Runtime
 from devyard.wire.environments import Environment, EnvironmentPhase
@@ -217,19 +217,8 @@ class SshGateway:
     async def serve(self, *, retry_delay: float = 5.0, on_listening: Callable[[], None] | None = None) -> None:
         """Listen (retrying an address that cannot be bound, loudly) and serve until cancelled; ``on_listening``
         is called once the port is known."""
-        while True:
-            try:
-                await self.start()
-                if on_listening is not None:
-                    on_listening()
-                break
-            except OSError as exc:
-                log.error("the ssh gateway cannot listen on %s:%d, retrying: %s", self._host, self._port, exc)
-            await asyncio.sleep(retry_delay)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.close()
+        what = f"ssh gateway on {self._host}:{self._port}"
+        await serve_listener(self.start, self.close, what=what, retry_delay=retry_delay, on_listening=on_listening)
 
     # For connections and sessions.
 
