@@ -39,11 +39,6 @@ def _peers_installed() -> bool:
     return shutil.which("dockerd") is not None and os.access("/usr/bin/docker", os.X_OK) and cli.exists()
 
 
-def _bridges() -> set[str]:
-    links = subprocess.run(["ip", "-brief", "link"], capture_output=True, text=True, check=False).stdout.split("\n")
-    return {line.split()[0] for line in links if line.startswith("dybench")}
-
-
 @pytest.mark.slow
 def test_quick_run_times_both_contenders_cold_and_warm() -> None:
     host.require("runc", "skopeo", "buildah", "docker-registry", "nft", "ip")
@@ -52,7 +47,7 @@ def test_quick_run_times_both_contenders_cold_and_warm() -> None:
             pytest.fail("CI=true and docker.io or @devcontainers/cli is missing: scripts/test runs bench/start/setup")
         pytest.skip("docker.io or @devcontainers/cli is missing: bench/start/setup installs them")
     work_dirs = set(Path(tempfile.gettempdir()).glob("devyard-bench-devcontainer-*"))
-    bridges = _bridges()
+    bridges = host.links_named("dybench")
 
     result = subprocess.run(
         [sys.executable, "-m", "bench.devcontainer", "--quick"],
@@ -78,4 +73,4 @@ def test_quick_run_times_both_contenders_cold_and_warm() -> None:
     assert re.search(r"Docker Engine [\w.+~-]+, @devcontainers/cli [\d.]+, devyard runtime linux", output), output
     assert set(Path(tempfile.gettempdir()).glob("devyard-bench-devcontainer-*")) <= work_dirs
     assert "devyard-bench-devcontainer-" not in Path("/proc/self/mounts").read_text()
-    assert _bridges() <= bridges
+    assert host.links_named("dybench") <= bridges

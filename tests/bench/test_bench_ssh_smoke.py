@@ -21,9 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _leftovers() -> tuple[set[Path], set[str]]:
-    links = subprocess.run(["ip", "-brief", "link"], capture_output=True, text=True, check=False).stdout.splitlines()
-    bridges = {line.split()[0] for line in links if line.startswith("dyssh")}
-    return set(Path(tempfile.gettempdir()).glob("devyard-bench-ssh-*")), bridges
+    return set(Path(tempfile.gettempdir()).glob("devyard-bench-ssh-*")), host.links_named("dyssh")
 
 
 @pytest.mark.slow

@@ -57,16 +57,11 @@ def _work_dirs() -> set[Path]:
 def _nothing_left() -> Iterator[None]:
     """The run removes its temporary directory (the default one: a unix socket's path must stay short, and an
     environment's unprivileged root must reach the runner's state in it), its mounts and its bridge."""
-    before = _work_dirs(), _bridges()
+    before = _work_dirs(), host.links_named("dybench")
     yield
     assert _work_dirs() <= before[0]
     assert "devyard-bench-start-" not in Path("/proc/self/mounts").read_text()
-    assert _bridges() <= before[1]
-
-
-def _bridges() -> set[str]:
-    links = subprocess.run(["ip", "-brief", "link"], capture_output=True, text=True, check=False).stdout.split("\n")
-    return {line.split()[0] for line in links if line.startswith("dybench")}
+    assert host.links_named("dybench") <= before[1]
 
 
 @pytest.mark.slow

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
 
-__all__ = ["in_ci", "require"]
+__all__ = ["in_ci", "links_named", "require"]
 
 
 def in_ci() -> bool:
@@ -34,3 +35,9 @@ def require(*programs: str) -> None:
     if in_ci():
         pytest.fail(f"CI=true and this host lacks what the test {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def links_named(prefix: str) -> set[str]:
+    """The host's network interfaces whose names start with ``prefix`` (what a run may leave behind)."""
+    links = subprocess.run(["ip", "-brief", "link"], capture_output=True, text=True, check=False).stdout.splitlines()
+    return {line.split()[0] for line in links if line.startswith(prefix)}
