@@ -4,21 +4,14 @@ meanwhile would have made, and each wants the machine's cores to itself to finis
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-#: Held exclusively by the benchmark smoke test that runs; every test process on the host sees the same file.
-_LOCK = Path("/tmp/devyard-bench-smoke.lock")
+from support import host
 
 
 @pytest.fixture(autouse=True)
 def one_benchmark_at_a_time() -> Iterator[None]:
-    with _LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with host.one_at_a_time("bench"):
+        yield

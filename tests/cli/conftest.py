@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from devyard.server.settings import ServerSettings
-from support import live_server
+from support import host, live_server
 
 #: The console script of this venv, as users run it; ``python -m devyard`` where it is not installed.
 _SCRIPT = Path(sys.executable).with_name("devyard")
@@ -44,6 +44,14 @@ class Result:
 
 
 Cli = Callable[..., Result]
+
+
+@pytest.fixture(autouse=True)
+def one_command_line_test_at_a_time() -> Iterator[None]:
+    """Under pytest-xdist, two local daemons (`devyard up`) of two workers at once broke each other's containers
+    (a container re-made under a running test): the command-line tests take turns."""
+    with host.one_at_a_time("cli"):
+        yield
 
 
 @pytest.fixture

@@ -7,14 +7,18 @@ setup as a green run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-__all__ = ["in_ci", "links_named", "require"]
+__all__ = ["in_ci", "links_named", "one_at_a_time", "require"]
 
 
 def in_ci() -> bool:
@@ -41,3 +45,14 @@ def links_named(prefix: str) -> set[str]:
     """The host's network interfaces whose names start with ``prefix`` (what a run may leave behind)."""
     links = subprocess.run(["ip", "-brief", "link"], capture_output=True, text=True, check=False).stdout.splitlines()
     return {line.split()[0] for line in links if line.startswith(prefix)}
+
+
+@contextlib.contextmanager
+def one_at_a_time(name: str) -> Iterator[None]:
+    """Hold the host-wide lock ``name``: tests that take it run one at a time, even on pytest-xdist's workers."""
+    with Path(f"/tmp/devyard-tests-{name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
