@@ -28,9 +28,10 @@ The file is rewritten whole on each change: fine for a desktop's handful of envi
 runs without one.
 
 Ports: the processes ``open_exec`` started are the fake container's, so ``listening_ports`` answers the TCP ports
-that they (and what they started in their sessions) listen on, read from the runner's own ``/proc/net/tcp`` and
-``tcp6`` by their sockets' inodes; ``connect`` reaches one of those ports on the host's loopback, and refuses every
-other port and host, so that a port proxy in front of a fake environment never reaches the runner host's services.
+that they (and what they started in their sessions) listen on: the listening sockets of the runner's own network
+namespace (``port_detection.listening_ports_of``) among their sockets' inodes; ``connect`` reaches one of those
+ports on the host's loopback, and refuses every other port and host, so that a port proxy in front of a fake
+environment never reaches the runner host's services.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class FakeRuntime:
         if not inodes:
             return []
         try:
-            return port_detection.read_listening(Path("/proc/self/net"), inodes=inodes)
+            return await port_detection.listening_ports_of(None, inodes=inodes)
         except OSError:
             return []
 

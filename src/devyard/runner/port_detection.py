@@ -1,9 +1,16 @@
 """Which ports an environment has: those something listens on inside, those its dev container declares, those
 its spec shares; and the ``status.ports`` the reconciler reports of them.
 
-- ``read_listening``: the listening TCP sockets of ``/proc/<pid>/net/tcp`` and ``tcp6`` (state ``0A``). Those
-  files show the network namespace of ``pid``, so the runtimes read a container's from outside, without entering
-  it (``LinuxRuntime.listening_ports``), and the fake runtime the host's (``FakeRuntime.listening_ports``).
+- ``listening_ports_of`` / ``listening_in``: the listening TCP sockets of the network namespace of a process (or
+  of the caller's own), asked of the kernel through netlink ``sock_diag`` (``SOCK_DIAG_BY_FAMILY``, listening
+  state only). The runtimes call it at every report and the ``PortWatch`` every few seconds for every running
+  environment (``LinuxRuntime.listening_ports`` for a container's, ``FakeRuntime.listening_ports`` for the
+  host's), so it must stay cheap: the kernel walks only its table of listening sockets, where reading
+  ``/proc/<pid>/net/tcp`` walks the host's whole table of established connections, milliseconds per file.
+  The netlink socket answers for the namespace it was made in, so it is made in a thread that enters the
+  process's namespace for that moment (``setns``) and goes back.
+- ``read_listening``: the same from ``/proc/<pid>/net/tcp`` and ``tcp6`` (state ``0A``), which show the
+  network namespace of ``pid``; what ``listening_in`` falls back to when a kernel refuses ``sock_diag``.
 - ``keep_declared`` / ``load_declared``: devcontainer.json's ``forwardPorts``, ``appPort`` and ``portsAttributes``
   (as merged with the image's and the Features' metadata), kept as ``ports.json`` in the runner's directory of
   the environment (``DevContainers.directory``) when the dev container is resolved, read at every report.
@@ -15,15 +22,19 @@ its spec shares; and the ``status.ports`` the reconciler reports of them.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
 import random
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from devyard.runner import container_files
 from devyard.runner.atomic_file import write_atomically
 from devyard.runner.errors import RunnerError
 from devyard.runner.runtime import ListeningPort, Runtime
@@ -33,6 +44,8 @@ __all__ = [
     "DeclaredPort",
     "PortWatch",
     "keep_declared",
+    "listening_in",
+    "listening_ports_of",
     "listening_sockets",
     "load_declared",
     "port_statuses",
@@ -82,6 +95,147 @@ def read_listening(proc_net: Path, *, inodes: set[int] | None = None) -> list[Li
             raise
         ports.update(port for port, inode in listening_sockets(text, ipv6=ipv6) if inodes is None or inode in inodes)
     return sorted(ports)
+
+
+# Netlink and sock_diag, as <linux/netlink.h>, <linux/sock_diag.h> and <linux/inet_diag.h> lay them out.
+_NETLINK_SOCK_DIAG: Final = 4
+_SOCK_DIAG_BY_FAMILY: Final = 20
+_NLM_F_REQUEST: Final = 0x01
+_NLM_F_DUMP: Final = 0x300
+_NLMSG_ERROR: Final = 2
+_NLMSG_DONE: Final = 3
+_TCP_LISTEN: Final = 10
+#: nlmsghdr: length, type, flags, sequence, port id.
+_HEADER: Final = struct.Struct("=IHHII")
+#: inet_diag_req_v2: family, protocol, extensions, pad, states, then a zeroed inet_diag_sockid (48 bytes).
+_REQUEST: Final = struct.Struct("=BBBBI48x")
+#: inet_diag_msg: family, state, timer, retransmits; sockid: source port, destination port (big-endian), source
+#: and destination addresses (16 bytes each, network order), interface, cookie; then expires, receive and send
+#: queues, uid and inode.
+_MESSAGE: Final = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
+_ERROR_CODE: Final = struct.Struct("=i")
+_RECEIVE_BUFFER: Final = 64 * 1024
+#: Errors of a kernel (or a sandbox) that does not answer sock_diag, or a caller not allowed into the namespace:
+#: ``listening_in`` then reads ``/proc`` instead.
+_REFUSED: Final = frozenset(
+    {
+        errno.EPROTONOSUPPORT,
+        errno.EAFNOSUPPORT,
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EINVAL,
+        errno.EOPNOTSUPP,
+    }
+)
+
+
+async def listening_ports_of(pid: int | None, *, inodes: set[int] | None = None) -> list[ListeningPort]:
+    """``listening_in`` in one hop to a worker thread, for the event loop's callers."""
+    return await asyncio.to_thread(listening_in, pid, inodes=inodes)
+
+
+def listening_in(pid: int | None, *, inodes: set[int] | None = None) -> list[ListeningPort]:
+    """The listening TCP ports (IPv4 and IPv6) of the network namespace of ``pid`` (None: the caller's), each once
+    per address, sorted; with ``inodes``, only the sockets among them. Blocks (briefly): call it from a thread,
+    as ``listening_ports_of`` does. Enters the namespace with ``setns`` in the calling thread and leaves it before
+    it returns. Raises ``OSError`` when the process is gone; reads ``/proc/<pid>/net`` (``read_listening``)
+    when the kernel refuses sock_diag or entering the namespace."""
+    proc_net = Path("/proc/self/net" if pid is None else f"/proc/{pid}/net")
+    try:
+        # Held open, the namespace outlives the process for as long as it is asked.
+        inside = None if pid is None else os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"process {pid} is gone") from None
+    except PermissionError as exc:  # another user's process: /proc/PID/net may still be readable
+        log.debug("cannot open the network namespace of %s (%s); reading %s", pid, exc, proc_net)
+        return read_listening(proc_net, inodes=inodes)
+    try:
+        with _diag_socket(inside) as diag:
+            found = _dump_listening(diag, socket.AF_INET)
+            try:
+                found += _dump_listening(diag, socket.AF_INET6)
+            except OSError as exc:
+                if exc.errno not in _REFUSED:
+                    raise
+                # A kernel without IPv6 has no handler for its family; /proc then has no tcp6 either.
+    except OSError as exc:
+        if exc.errno not in _REFUSED:
+            raise
+        log.debug("sock_diag refused (%s); reading %s", exc, proc_net)
+        return read_listening(proc_net, inodes=inodes)
+    finally:
+        if inside is not None:
+            os.close(inside)
+    return sorted({port for port, inode in found if inodes is None or inode in inodes})
+
+
+def _diag_socket(namespace: int | None) -> socket.socket:
+    """A NETLINK_SOCK_DIAG socket of the network namespace ``namespace`` (a descriptor of ``/proc/PID/ns/net``;
+    None: the calling thread's own). A netlink socket answers for the namespace it was made in, wherever it is used
+    later; so the calling thread enters the namespace just to make it, and goes back."""
+    if namespace is None:
+        return _netlink_socket()
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        here, there = os.fstat(own), os.fstat(namespace)
+        if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            return _netlink_socket()  # already there: no setns, which needs CAP_SYS_ADMIN
+        container_files.setns(namespace, container_files.CLONE_NEWNET)
+        try:
+            return _netlink_socket()
+        finally:
+            container_files.setns(own, container_files.CLONE_NEWNET)
+    finally:
+        os.close(own)
+
+
+def _netlink_socket() -> socket.socket:
+    diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
+    # The kernel answers a dump while it handles the request; a timeout only guards against the unexpected.
+    diag.settimeout(5)
+    return diag
+
+
+def _dump_listening(diag: socket.socket, family: int) -> list[tuple[ListeningPort, int]]:
+    """Ask ``diag`` for the TCP sockets of ``family`` in the listening state; their ports and inodes. Raises
+    ``OSError`` with the kernel's error code when it answers with an error."""
+    sequence = family  # one request of each family per socket: the family tells the answers apart
+    request = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN)
+    diag.send(
+        _HEADER.pack(_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, sequence, 0)
+        + request
+    )
+    found: list[tuple[ListeningPort, int]] = []
+    while True:
+        data, _, flags, _ = diag.recvmsg(_RECEIVE_BUFFER)
+        if flags & socket.MSG_TRUNC:
+            raise OSError(errno.EMSGSIZE, "a sock_diag answer was larger than the receive buffer")
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            length, kind, _, answer_to, _ = _HEADER.unpack_from(data, offset)
+            if length < _HEADER.size or offset + length > len(data):
+                raise OSError(errno.EBADMSG, f"a malformed netlink message of {length} bytes from sock_diag")
+            body = offset + _HEADER.size
+            if answer_to == sequence:
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR:
+                    (code,) = _ERROR_CODE.unpack_from(data, body)
+                    if code == 0:  # an acknowledgement, not an error
+                        return found
+                    raise OSError(-code, f"sock_diag: {os.strerror(-code)}")
+                if kind == _SOCK_DIAG_BY_FAMILY and length - _HEADER.size >= _MESSAGE.size:
+                    found.append(_listening_port(data, body))
+            # Netlink messages are aligned to 4 bytes.
+            offset += (length + 3) & ~3
+
+
+def _listening_port(data: bytes, offset: int) -> tuple[ListeningPort, int]:
+    family, _, _, _, port, _, source, _, _, _, _, _, _, _, inode = _MESSAGE.unpack_from(data, offset)
+    ipv6 = family == socket.AF_INET6
+    address = socket.inet_ntop(socket.AF_INET6, source) if ipv6 else socket.inet_ntop(socket.AF_INET, source[:4])
+    return ListeningPort(port=int.from_bytes(port, "big"), address=address, ipv6=ipv6), inode
 
 
 @dataclass(frozen=True)
