@@ -508,9 +508,14 @@ async def test_repair_finishes_or_undoes_what_a_crash_left(network: Network, nam
 
     # The veth only.
     run("ip", "link", "del", veth_lost.host_interface)
-    # The namespace only (its veth goes with it).
+    # The namespace only (its veth goes with it, once the kernel's cleanup of the namespace, which runs
+    # asynchronously, has come to it).
     run("umount", str(netns_lost.netns_path))
     netns_lost.netns_path.unlink()
+    deadline = time.monotonic() + 30
+    while host_link(netns_lost.host_interface) is not None:
+        assert time.monotonic() < deadline, f"{netns_lost.host_interface} outlived its namespace"
+        await asyncio.sleep(0.05)
     # The address only.
     (names.tmp / "state" / "network" / "addresses" / str(address_lost.address)).unlink()
     # A namespace a process still holds, unmounted: its veth stays, without a namespace we know.

@@ -46,12 +46,12 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devyard.runner import errors
+from devyard.runner import container_files, errors
 
 if TYPE_CHECKING:
     from devyard.runner.settings import RunnerSettings
@@ -71,6 +71,17 @@ _ENVIRONMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _PENDING_PREFIX = ".pending-"
 # The name of the interface inside every namespace.
 _INSIDE = "eth0"
+#: Set in each environment's namespace. IPv4 only: no IPv6 addresses inside, not even link-local ones, set before
+#: eth0 exists, except ::1, which dev servers bind for "localhost" (the hosts file names it). The namespace
+#: belongs to the host's user namespace, so root inside a container has no network capabilities in it: let
+#: everyone bind low ports (a dev server on :80) and ping, as Docker does for its containers.
+_NAMESPACE_SYSCTLS = {
+    "net.ipv6.conf.all.disable_ipv6": "1",
+    "net.ipv6.conf.default.disable_ipv6": "1",
+    "net.ipv6.conf.lo.disable_ipv6": "0",
+    "net.ipv4.ip_unprivileged_port_start": "0",
+    "net.ipv4.ping_group_range": "0 2147483647",
+}
 
 
 @dataclass(frozen=True)
@@ -521,25 +532,35 @@ table inet {self.table} {{
         name = veth_name(self.bridge, environment_id)
         mtu = (Path("/sys/class/net") / self.bridge / "mtu").read_text().strip()
         inside = ("nsenter", f"--net={netns}")
-        # IPv4 only: no IPv6 addresses inside, not even link-local ones, set before eth0 exists. The namespace
-        # belongs to the host's user namespace, so root inside a container has no network capabilities in it:
-        # let everyone bind low ports (a dev server on :80) and ping, as Docker does for its containers.
-        await _run(
-            *inside,
-            "sysctl",
-            "-q",
-            "-e",
-            "-w",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-            # ... except ::1, which dev servers bind for "localhost" (the hosts file names it).
-            "net.ipv6.conf.lo.disable_ipv6=0",
-            "net.ipv4.ip_unprivileged_port_start=0",
-            "net.ipv4.ping_group_range=0 2147483647",
-        )
+        await asyncio.to_thread(_write_sysctls_inside, netns, _NAMESPACE_SYSCTLS)
+        alias = f"{self.bridge}/{environment_id}"
+        wanted_address = f"{allocation.address}/{self.subnet.prefixlen}"
+        configure = [
+            "link set lo up",
+            f"address flush dev {_INSIDE}",
+            f"address add {wanted_address} dev {_INSIDE}",
+            f"link set {_INSIDE} up",
+            f"route replace default via {self.gateway} dev {_INSIDE}",
+        ]
+        host_dir = Path("/sys/class/net") / name
+        if not host_dir.exists():
+            # The usual case, a new namespace: no host end, so no veth of ours inside either (its two ends live
+            # and die together). The steps below in three commands instead of seven; anything in the way (an
+            # eth0 something else made inside) fails the batch, and the careful way below takes over.
+            made = [
+                f"link add {name} mtu {mtu} type veth peer name {_INSIDE} mtu {mtu} netns {netns}",
+                f"link set dev {name} alias {alias} master {self.bridge} mtu {mtu}",
+                f"link set dev {name} type bridge_slave isolated on",
+            ]
+            try:
+                await _run("ip", "-batch", "-", input="\n".join(made).encode() + b"\n")
+                await _run(*inside, "ip", "-batch", "-", input="\n".join(configure).encode() + b"\n")
+                await _run("ip", "link", "set", "dev", name, "up")
+                return
+            except errors.TemporaryError as exc:
+                log.info("wiring %s the quick way failed (%s); checking each step", environment_id, exc)
         interfaces = json.loads((await _run(*inside, "ip", "-j", "address", "show")).stdout or "[]")
         eth0: dict[str, Any] | None = next((i for i in interfaces if i.get("ifname") == _INSIDE), None)
-        host_dir = Path("/sys/class/net") / name
         paired = (
             eth0 is not None
             and host_dir.exists()
@@ -556,22 +577,18 @@ table inet {self.table} {{
                 "netns", str(netns),
             )  # fmt: skip
             eth0 = None
-        alias = f"{self.bridge}/{environment_id}"
         # The port goes up last: isolated before any frame can pass, and "up" marks a finished attach (repair
         # finishes a veth that is down).
         await _run("ip", "link", "set", "dev", name, "alias", alias, "master", self.bridge, "mtu", mtu)
         await _run("bridge", "link", "set", "dev", name, "isolated", "on")
-        wanted_address = f"{allocation.address}/{self.subnet.prefixlen}"
         present = {
             f"{a.get('local')}/{a.get('prefixlen')}"
             for a in (eth0 or {}).get("addr_info", [])
             if a.get("family") == "inet"
         }
-        commands = ["link set lo up"]
-        if present != {wanted_address}:
-            commands += [f"address flush dev {_INSIDE}", f"address add {wanted_address} dev {_INSIDE}"]
-        commands += [f"link set {_INSIDE} up", f"route replace default via {self.gateway} dev {_INSIDE}"]
-        await _run(*inside, "ip", "-batch", "-", input="\n".join(commands).encode() + b"\n")
+        if present == {wanted_address}:
+            configure = [step for step in configure if not step.startswith("address ")]
+        await _run(*inside, "ip", "-batch", "-", input="\n".join(configure).encode() + b"\n")
         await _run("ip", "link", "set", "dev", name, "up")
 
     async def _undo(self, environment_id: str) -> None:
@@ -659,6 +676,26 @@ def _is_mount(path: Path) -> bool:
 
 def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def _write_sysctls_inside(netns: Path, values: Mapping[str, str]) -> None:
+    """Set the namespace's own sysctls (``sysctl -e -w`` inside it, without a process): in a thread, which enters
+    the namespace (``setns`` moves the calling thread only; ``/proc/sys/net`` shows the caller's namespace) and
+    goes back to the host's before it returns. A key the kernel lacks (no IPv6) is skipped."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            container_files.setns(target, container_files.CLONE_NEWNET)
+            try:
+                for key, value in values.items():
+                    _write_sysctl(Path("/proc/sys", *key.split(".")), value)
+            finally:
+                container_files.setns(own, container_files.CLONE_NEWNET)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
 
 
 def _write_sysctl(path: Path, value: str) -> None:

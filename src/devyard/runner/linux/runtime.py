@@ -167,6 +167,9 @@ class LinuxRuntime:
                 )
         self._locks: dict[str, asyncio.Lock] = {}
         self._network_ready = False
+        #: The container init (host pid) whose network this process attached, by environment: start need not
+        #: wire again what create just wired. A new runner process starts empty and wires again (idempotent).
+        self._attached: dict[str, int] = {}
         #: What each create in progress is doing, for ``progress``.
         self._creating: dict[str, str] = {}
 
@@ -338,8 +341,7 @@ class LinuxRuntime:
     async def listening_ports(self, environment_id: str) -> builtins.list[ListeningPort]:
         try:
             pid, _ = await self.container_entry(environment_id)
-            # /proc/PID/net shows the network namespace of PID: no need to enter it.
-            return port_detection.read_listening(Path(f"/proc/{pid}/net"))
+            return await port_detection.listening_ports_of(pid)
         except (ContainerNotRunning, OSError):
             return []
 
@@ -368,6 +370,7 @@ class LinuxRuntime:
     async def repair(self) -> builtins.list[str]:
         """Bring every environment to a state a step left it in on purpose, and remove what no record explains;
         return what was done, one line each. Called when the runner starts, and by the doctor."""
+        self._attached.clear()  # the network's repair may undo or re-make what this process attached
         fixed: builtins.list[str] = []
         containers = {info.id: info for info in await self.runc.list()}
         for environment_id in self._environment_ids():
@@ -602,7 +605,7 @@ class LinuxRuntime:
         container's namespace is bind-mounted there before ``attach``. One of an earlier container of the
         environment (before a stop, a crash) is detached first: the address may change across a restart.
         """
-        if self.network is None:
+        if self.network is None or self._attached.get(environment_id) == pid:
             return
         if not self._network_ready:
             await self.network.setup()
@@ -623,6 +626,7 @@ class LinuxRuntime:
         directory = self._directory(environment_id)
         _write_in_place(directory / "resolv.conf", attachment.resolv_conf.encode())
         _write_in_place(directory / "hosts", attachment.hosts.encode())
+        self._attached[environment_id] = pid
 
     async def _start(self, record: _Record) -> ContainerStatus:
         environment_id = record.spec.environment_id
@@ -667,6 +671,7 @@ class LinuxRuntime:
 
     async def _release(self, environment_id: str, info: ContainerInfo | None) -> None:
         """Delete the runc container, detach its network and unmount the root; the disk stays."""
+        self._attached.pop(environment_id, None)
         if info is not None:
             await self.runc.delete(environment_id, force=True)
         if self.network is not None:
@@ -685,6 +690,7 @@ class LinuxRuntime:
         """Remove everything of an environment that has no record (any more); idempotent. ``keep_workspace``:
         except its workspace and volumes (for the create that follows: the runner filled them before, and a
         rebuild keeps them, as Docker keeps named volumes)."""
+        self._attached.pop(environment_id, None)
         await self.runc.delete(environment_id, force=True)
         self._discard_incomplete_container(environment_id)
         directory = self._directory(environment_id)
