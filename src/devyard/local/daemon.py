@@ -38,6 +38,7 @@ from devyard.local.state_dir import DaemonInfo, StateDir
 from devyard.runner import credentials
 from devyard.runner.agent import Agent
 from devyard.runner.errors import CredentialError
+from devyard.runner.host_process import watch_children_by_pidfd
 from devyard.runner.settings import RunnerSettings, default_runtime
 from devyard.server.app import create_app
 from devyard.server.settings import ServerSettings
@@ -77,6 +78,7 @@ async def run_daemon(state: StateDir, port: int = 0, runtime: str | None = None)
 
 
 async def _serve(state: StateDir, port: int, runtime: str) -> int:
+    watch_children_by_pidfd()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for number in (signal.SIGTERM, signal.SIGINT):

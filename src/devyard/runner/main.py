@@ -13,6 +13,7 @@ import signal
 
 from devyard.runner.agent import Agent
 from devyard.runner.errors import CredentialError, StateDirInUse
+from devyard.runner.host_process import watch_children_by_pidfd
 from devyard.runner.settings import RunnerSettings
 
 __all__ = ["run_runner"]
@@ -34,6 +35,7 @@ def run_runner(settings: RunnerSettings) -> None:
 
 
 async def _run(settings: RunnerSettings) -> None:
+    watch_children_by_pidfd()
     agent = Agent(settings)
     loop = asyncio.get_running_loop()
 

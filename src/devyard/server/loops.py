@@ -33,6 +33,10 @@ __all__ = ["check_liveness", "idle_since", "run", "schedule", "stop_idle"]
 log = logging.getLogger(__name__)
 LEASE = "control-loops"
 _BATCH = 500
+#: Wake-ups of the scheduler closer together than this are a burst of creates...
+_BURST_GAP = 0.25
+#: ... whose next pass waits this long to gather more of them.
+_BURST_GATHER = 0.02
 _PENDING = select(ResourceRow.id).where(ResourceRow.kind == "Environment", ResourceRow.runner_id.is_(None))
 
 
@@ -297,6 +301,7 @@ async def run(state: ServerState) -> None:
     last_idle_check = 0.0
     loop = asyncio.get_running_loop()
     leading = False
+    last_woken = 0.0
     while True:
         try:
             leading = await _hold_lease(state, holder, ttl)
@@ -309,7 +314,12 @@ async def run(state: ServerState) -> None:
                         continue
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(state.schedule_soon.wait(), max(renew_at - loop.time(), 0.01))
-                    await asyncio.sleep(0.02)  # gather a burst of creates into one pass
+                    if state.schedule_soon.is_set():
+                        # A create after a quiet spell is placed at once (someone waits for it); one that follows
+                        # another closely is part of a burst: gather the rest of it into one pass.
+                        if loop.time() - last_woken < _BURST_GAP:
+                            await asyncio.sleep(_BURST_GATHER)
+                        last_woken = loop.time()
                 await check_liveness(state)
                 if loop.time() - last_idle_check > state.settings.idle_check_interval:
                     await stop_idle(state)
