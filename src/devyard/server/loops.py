@@ -33,7 +33,7 @@ __all__ = ["check_liveness", "idle_since", "run", "schedule", "stop_idle"]
 log = logging.getLogger(__name__)
 LEASE = "control-loops"
 _BATCH = 500
-#: Wake-ups of the scheduler closer together than this are a burst of creates...
+#: Environments placed closer together than this are a burst of creates...
 _BURST_GAP = 0.25
 #: ... whose next pass waits this long to gather more of them.
 _BURST_GATHER = 0.02
@@ -301,7 +301,7 @@ async def run(state: ServerState) -> None:
     last_idle_check = 0.0
     loop = asyncio.get_running_loop()
     leading = False
-    last_woken = 0.0
+    last_placed = -_BURST_GAP
     while True:
         try:
             leading = await _hold_lease(state, holder, ttl)
@@ -310,16 +310,17 @@ async def run(state: ServerState) -> None:
                 renew_at = loop.time() + interval
                 while loop.time() < renew_at:
                     state.schedule_soon.clear()
-                    if await schedule(state) >= _BATCH:
+                    placed = await schedule(state)
+                    if placed >= _BATCH:
                         continue
+                    if placed:
+                        last_placed = loop.time()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(state.schedule_soon.wait(), max(renew_at - loop.time(), 0.01))
-                    if state.schedule_soon.is_set():
-                        # A create after a quiet spell is placed at once (someone waits for it); one that follows
-                        # another closely is part of a burst: gather the rest of it into one pass.
-                        if loop.time() - last_woken < _BURST_GAP:
-                            await asyncio.sleep(_BURST_GATHER)
-                        last_woken = loop.time()
+                    # A create after a quiet spell is placed at once (someone waits for it); while creates keep
+                    # coming, the next pass waits a little to take more of them at once.
+                    if state.schedule_soon.is_set() and loop.time() - last_placed < _BURST_GAP:
+                        await asyncio.sleep(_BURST_GATHER)
                 await check_liveness(state)
                 if loop.time() - last_idle_check > state.settings.idle_check_interval:
                     await stop_idle(state)
