@@ -76,7 +76,10 @@ class FeatureCache:
         root.mkdir(parents=True, exist_ok=True)
         self._registry = image_registry.RegistryClient(insecure=insecure, credentials=credentials, transport=transport)
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=True, transport=transport
+            verify=image_registry.tls_context(),
+            timeout=httpx.Timeout(60.0, connect=10.0),
+            follow_redirects=True,
+            transport=transport,
         )
 
     @classmethod

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import ipaddress
 import json
 import platform as host
 import re
+import ssl
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ __all__ = [
     "on_loopback",
     "parse_manifest",
     "select_platform",
+    "tls_context",
 ]
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -220,6 +223,14 @@ def on_loopback(registry: str) -> bool:
         return False
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The TLS context of every registry client in this process (httpx's: the system's or ``SSL_CERT_FILE``'s CA
+    certificates): making one, which loads the CA bundle, costs about 30 ms here, and a runner makes several
+    clients for each environment it starts (the image's pull, a dev container's build and Features)."""
+    return httpx.create_ssl_context()
+
+
 class RegistryClient:
     """One client per store (or per pull); holds an httpx client and the tokens it got. Use ``async with``."""
 
@@ -238,6 +249,7 @@ class RegistryClient:
         self.attempts = attempts
         self.retry_delay = retry_delay
         self._client = httpx.AsyncClient(
+            verify=tls_context(),
             timeout=httpx.Timeout(timeout, connect=10.0),
             follow_redirects=True,
             transport=transport,
