@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["DEFAULT_PROFILE", "Config", "Profile", "config_path", "load", "save"]
 
@@ -34,25 +37,33 @@ class Config:
 
 
 def config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "devyard" / "config.json"
+    from pathlib import Path
+
+    return Path(_default_location())
+
+
+def _default_location() -> str:
+    """``config_path`` without pathlib, which every API command would import only to read the file."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "devyard", "config.json")
 
 
 def load(path: Path | None = None) -> Config:
     """The config file's content; an empty config when there is no file."""
-    path = path or config_path()
+    location = str(path) if path is not None else _default_location()
     try:
-        raw = json.loads(path.read_text())
+        with open(location, encoding="utf-8") as stream:
+            raw = json.loads(stream.read())
     except FileNotFoundError:
         return Config()
     except (OSError, ValueError) as exc:
-        raise click.ClickException(f"cannot read the config file {path}: {exc}") from None
+        raise click.ClickException(f"cannot read the config file {location}: {exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("profiles", {}), dict):
-        raise click.ClickException(f"the config file {path} is not a devyard config (expected a JSON object)")
+        raise click.ClickException(f"the config file {location} is not a devyard config (expected a JSON object)")
     profiles = {}
     for name, entry in raw.get("profiles", {}).items():
         if not isinstance(entry, dict):
-            raise click.ClickException(f"the config file {path}: profile {name!r} is not an object")
+            raise click.ClickException(f"the config file {location}: profile {name!r} is not an object")
         profiles[str(name)] = Profile(server=_str_or_none(entry.get("server")), token=_str_or_none(entry.get("token")))
     return Config(current_profile=_str_or_none(raw.get("current_profile")), profiles=profiles)
 

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 import click
 
-from devyard.cli import _config
-
 if TYPE_CHECKING:
     from pydantic import ValidationError
     from rich.console import Console, RenderableType
@@ -48,6 +46,10 @@ class Invocation:
         """Flags and environment variables (click resolved those) first, then the config file's profile."""
         if server is not None and token is not None and profile is None:
             return cls(server=server.rstrip("/"), token=token or None, profile="", output=output)
+        # Imported only now: with the server and the token given, the config file (and the module that reads it)
+        # is not needed, and scripts and benchmarks that give both start a little faster.
+        from devyard.cli import _config
+
         config = _config.load()
         name = profile or config.current_profile or _config.DEFAULT_PROFILE
         saved = config.profiles.get(name)

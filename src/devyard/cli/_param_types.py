@@ -9,9 +9,11 @@ import click
 
 __all__ = ["DURATION", "KEY_VALUE", "SIZE_GIB", "SIZE_MIB", "Duration", "KeyValue", "Size"]
 
-_DURATION_RE: Final = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")
+# Patterns, compiled (and cached) by ``re`` on first use: compiling them as the module loads cost every command
+# that imports it (``env create`` among them) a millisecond, though most never parse a duration or a size.
+_DURATION_PATTERN: Final = r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$"
 _DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_SIZE_RE: Final = re.compile(r"^(\d+(?:\.\d+)?)\s*(mi?b?|gi?b?|ti?b?)?$", re.IGNORECASE)
+_SIZE_PATTERN: Final = r"^(\d+(?:\.\d+)?)\s*(mi?b?|gi?b?|ti?b?)?$"
 _MIB_PER_UNIT: Final = {"m": 1, "g": 1024, "t": 1024 * 1024}
 
 
@@ -23,7 +25,7 @@ class Duration(click.ParamType[float, Any]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, int | float):
             return float(value)
-        match = _DURATION_RE.match(str(value).strip().lower())
+        match = re.match(_DURATION_PATTERN, str(value).strip().lower())
         if match is None:
             self.fail(f"{value!r} is not a duration such as 90s, 30m, 1h or 2d", param, ctx)
         return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
@@ -54,7 +56,7 @@ class Size(click.ParamType[int, Any]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        match = _SIZE_RE.match(str(value).strip())
+        match = re.match(_SIZE_PATTERN, str(value).strip(), re.IGNORECASE)
         if match is None:
             self.fail(f"{value!r} is not a size such as 512MiB, 4GiB or a number of {self.unit}", param, ctx)
         suffix = (match.group(2) or self.unit)[0].lower()

@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import click
 
-from devyard.cli import _render, logs, ports, ssh
+from devyard.cli import _render
 from devyard.cli._invocation import Invocation, api_command
+from devyard.cli._lazy_group import LazyGroup
 from devyard.cli._param_types import DURATION, KEY_VALUE
 
 if TYPE_CHECKING:
@@ -28,8 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = ["content_from_context", "env", "render_environment", "wait_and_emit"]
 
-_URL_RE: Final = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-_SCP_RE: Final = re.compile(r"^[\w.-]+@[\w.-]+:")
+# Patterns, not compiled ones: ``re`` compiles (and caches) them on first use, which ``env create --image`` and
+# ``env exec`` never come to; compiling them as the module loads cost every command of this module a millisecond.
+_URL_PATTERN: Final = r"^[a-z][a-z0-9+.-]*://"
+_SCP_PATTERN: Final = r"^[\w.-]+@[\w.-]+:"
 DEFAULT_WAIT: Final = 600.0
 
 _wait_options = [
@@ -46,7 +47,18 @@ def wait_options(function: Any) -> Any:
     return function
 
 
-@click.group()
+#: The subcommands of other modules, imported when they run or ``env --help`` lists them: ``env create`` and ``env
+#: exec`` need none of them (ports' subprocess and shutil, among others).
+_ELSEWHERE: Final = {
+    "logs": "devyard.cli.logs:logs",
+    "open": "devyard.cli.ssh:open_environment",
+    "port": "devyard.cli.ports:port",
+    "ssh": "devyard.cli.ssh:ssh",
+    "ssh-config": "devyard.cli.ssh:ssh_config",
+}
+
+
+@click.group(cls=LazyGroup, lazy_commands=_ELSEWHERE)
 def env() -> None:
     """Create, list, show, start, stop and delete environments.
 
@@ -55,7 +67,7 @@ def env() -> None:
 
 
 def is_git_url(context: str) -> bool:
-    return bool(_URL_RE.match(context) or _SCP_RE.match(context))
+    return bool(re.match(_URL_PATTERN, context, re.IGNORECASE) or re.match(_SCP_PATTERN, context))
 
 
 def content_from_context(context: str, ref: str | None = None) -> ContentSpec:
@@ -68,6 +80,8 @@ def content_from_context(context: str, ref: str | None = None) -> ContentSpec:
 def _dotfiles_json(text: str) -> dict[str, Any]:
     """A dotfiles repository as the API's JSON: what people paste of a git URL, or a local folder (as a
     ``file://`` URL, which only a desktop runner fetches)."""
+    from pathlib import Path
+
     from devyard.wire import git_context
 
     folder = Path(text).expanduser()
@@ -82,6 +96,8 @@ def _content_json(context: str, ref: str | None) -> dict[str, Any]:
     """``content_from_context`` as the API's JSON, without pydantic (``env create`` must start fast). A folder
     that exists is a folder; anything else is read as what people paste of a repository (a clone URL, a
     ``.../tree/BRANCH`` page, ``HOST/OWNER/REPO``, ``git@HOST:OWNER/REPO``, ``URL#REF``)."""
+    from pathlib import Path
+
     folder = Path(context).expanduser()
     if not is_git_url(context) and (folder.is_dir() or context.startswith(("/", ".", "~"))):
         if not folder.is_dir():
@@ -223,22 +239,14 @@ def create_environment(
             _validate_create(name, spec)
         raise
     if command is not None:
-        session = _Session(command, tty, workdir, user)
-        _exit_now(_run_in_created(invocation, created, session, wait_timeout, remove=remove))
+        code = _run_in_created(
+            invocation, created, command, tty=tty, workdir=workdir, user=user, wait_timeout=wait_timeout, remove=remove
+        )
+        _exit_now(code)
     if wait:
         wait_and_emit(invocation, created, "running", wait_timeout, "Environment {id} is running.")
     else:
         invocation.emit(created, lambda data: _summary(data, "Created environment {id}."))
-
-
-@dataclass(frozen=True)
-class _Session:
-    """What ``env create ... -- COMMAND`` runs once the environment runs."""
-
-    argv: tuple[str, ...]
-    tty: str | None
-    workdir: str | None
-    user: str | None
 
 
 def _check_command(invocation: Invocation, command: tuple[str, ...]) -> None:
@@ -249,10 +257,18 @@ def _check_command(invocation: Invocation, command: tuple[str, ...]) -> None:
 
 
 def _run_in_created(
-    invocation: Invocation, created: dict[str, Any], session: _Session, wait_timeout: float, *, remove: bool
+    invocation: Invocation,
+    created: dict[str, Any],
+    command: tuple[str, ...],
+    *,
+    tty: str | None,
+    workdir: str | None,
+    user: str | None,
+    wait_timeout: float,
+    remove: bool,
 ) -> int:
-    """Wait until the just created environment runs, run the command in it, and return its exit code; with
-    ``remove``, delete the environment afterwards, however it went."""
+    """Wait until the just created environment runs, run ``command`` in it (``-t``/``-T``, ``-w``, ``-u`` as
+    given), and return its exit code; with ``remove``, delete the environment afterwards, however it went."""
     import sys
 
     from devyard.cli._exec_session import GatewayAccess, SessionOptions, run_session, wants_tty
@@ -277,9 +293,7 @@ def _run_in_created(
         if interactive and not remove:
             name = created["metadata"].get("name") or environment_id
             click.echo(f"Environment {name} ({environment_id}) is running; it stays after the command.", err=True)
-        options = SessionOptions(
-            argv=session.argv, tty=wants_tty(session.tty), env={}, cwd=session.workdir, user=session.user
-        )
+        options = SessionOptions(argv=command, tty=wants_tty(tty), env={}, cwd=workdir, user=user)
         if not remove:
             invocation.close()  # the session may last long; the API connection is not needed after it
         return run_session(access, options)
@@ -289,10 +303,11 @@ def _run_in_created(
 
 
 def _exit_now(code: int) -> NoReturn:
-    """Exit with the command's exit code, skipping the interpreter's teardown (freeing every module and object),
-    which costs the process about 30 ms, a tenth of a warm start through this command: nothing is left to do (the
-    terminal is restored, the environment deleted if it had to be, the sockets are the kernel's to close) but
-    flushing the output. Not in-process, under click's test runner (its own streams): there it raises SystemExit.
+    """Exit with the command's exit code (``env create -- CMD``, ``env exec``), skipping the interpreter's teardown
+    (freeing every module and object), which costs the process about 30 ms, a tenth of a warm start through these
+    commands: nothing is left to do (the terminal is restored, the environment deleted if it had to be, the
+    sockets are the kernel's to close) but flushing the output. Not in-process, under click's test runner (its own
+    streams): there it raises SystemExit.
     """
     import os
     import sys
@@ -454,18 +469,14 @@ def exec_in_environment(
     Put -- before the command: devyard env exec my-env -- ls -la. Its output comes as it is written; stdin is
     passed on. Failures of the session itself (refused, unreachable, cut off) exit with 255.
     """
-    import os
-    import sys
-
-    from devyard.cli._exec_session import GatewayAccess, SessionOptions, run_session
+    from devyard.cli._exec_session import GatewayAccess, SessionOptions, run_session, wants_tty
 
     client = invocation.client()
     path = _path(invocation, environment)
     access = GatewayAccess.from_answer(client.post(path + "/access"))
-    with_tty = tty == "yes" or (tty is None and os.isatty(sys.stdin.fileno()) and os.isatty(sys.stdout.fileno()))
-    options = SessionOptions(argv=command, tty=with_tty, env=dict(variables), cwd=workdir, user=user)
+    options = SessionOptions(argv=command, tty=wants_tty(tty), env=dict(variables), cwd=workdir, user=user)
     invocation.close()  # the session may last long; the API connection is not needed meanwhile
-    raise SystemExit(run_session(access, options))
+    _exit_now(run_session(access, options))
 
 
 def _set_desired_phase(invocation: Invocation, reference: str, phase: str, wait: bool, wait_timeout: float) -> None:
@@ -586,10 +597,3 @@ def _summary(data: dict[str, Any], template: str) -> RenderableType:
         _render.plain(template.format(id=environment_id)),
         render_environment(data),
     )
-
-
-env.add_command(logs.logs)
-env.add_command(ssh.ssh)
-env.add_command(ssh.ssh_config)
-env.add_command(ports.port)
-env.add_command(ssh.open_environment)

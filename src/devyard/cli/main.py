@@ -6,12 +6,12 @@ Commands live in their own modules and are imported only when they run, so that 
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Final
 
 import click
 
 from devyard import __version__
+from devyard.cli._lazy_group import LazyGroup
 
 __all__ = ["LAZY_COMMANDS", "cli", "main"]
 
@@ -36,38 +36,30 @@ LAZY_COMMANDS: Final[dict[str, tuple[str, str]]] = {
 }
 
 
-class LazyGroup(click.Group):
-    """A group that imports a subcommand's module only when the subcommand is used."""
+class _RootGroup(LazyGroup):
+    """The root group: its commands in ``LAZY_COMMANDS``'s order, and their help lines from there, so that
+    ``devyard --help`` imports none of them."""
 
-    def __init__(self, *args: Any, lazy_commands: dict[str, tuple[str, str]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, short_helps: dict[str, str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lazy_commands = lazy_commands
+        self.short_helps = short_helps
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [*self.lazy_commands, *sorted(set(super().list_commands(ctx)) - set(self.lazy_commands))]
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.lazy_commands:
-            return super().get_command(ctx, cmd_name)
-        module_name, _, attribute = self.lazy_commands[cmd_name][0].partition(":")
-        command = getattr(importlib.import_module(module_name), attribute)
-        if not isinstance(command, click.Command):
-            raise TypeError(f"{module_name}:{attribute} is not a click command")
-        return command
+        return [*self.lazy_commands, *sorted(set(self.commands) - set(self.lazy_commands))]
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, short_help) for name, (_, short_help) in self.lazy_commands.items()]
-        for name in super().list_commands(ctx):
-            command = super().get_command(ctx, name)
-            if name not in self.lazy_commands and command is not None and not command.hidden:
+        rows = [(name, self.short_helps[name]) for name in self.lazy_commands]
+        for name, command in sorted(self.commands.items()):
+            if name not in self.lazy_commands and not command.hidden:
                 rows.append((name, command.get_short_help_str(formatter.width)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
 
 @click.group(
-    cls=LazyGroup,
-    lazy_commands=LAZY_COMMANDS,
+    cls=_RootGroup,
+    lazy_commands={name: target for name, (target, _) in LAZY_COMMANDS.items()},
+    short_helps={name: short_help for name, (_, short_help) in LAZY_COMMANDS.items()},
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
 @click.version_option(__version__, "--version", prog_name="devyard")

@@ -8,7 +8,6 @@ pydantic wire models are imported until they are needed: a watch yields ``WatchE
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -43,6 +42,10 @@ class RetryPolicy:
                 return min(float(retry_after), self.max_delay * 6)
             except ValueError:
                 pass
+        # Imported here: the CLI's requests mostly succeed at once, and random (with hashlib's SHA-512) is a
+        # millisecond of every command's start.
+        import random
+
         ceiling = min(self.max_delay, self.base_delay * 2**attempt)
         return random.uniform(ceiling / 2, ceiling)
 
